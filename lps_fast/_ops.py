@@ -1,0 +1,451 @@
+"""torch.library registration of the fast ops: schemas, fake kernels and autograd formulas.
+
+Every op of SPEC sections 2 and 3 is declared once here as ``lps_fast::<op>`` with the public
+signature. The compiled extensions register its CPU and CUDA kernels (``TORCH_LIBRARY_IMPL`` in
+``csrc/``); the Triton kernels (``kernels/``) define ``lps_fast::<op>_triton`` with the same
+schema through ``triton_op``. Both get the same autograd formulas from :func:`register_autograd`,
+written against an :class:`OpSet` so that a backward pass runs on the provider of its forward.
+
+The backward passes reuse the forward kernels, since the gathers and scatters are each other's
+adjoints: d(permute_nodes)/dx is a scatter-sum (``unpermute_mean * k``), d(unpermute_mean)/dy is a
+gather (``permute_nodes(G / k)``), and likewise for edges and frames. The straight-through
+gradients w.r.t. ``soft`` are batched matrix products of gathered data, never dense
+permutation-matrix products. ``sinkhorn_sort``, ``permutation_entropy`` and ``gram_schmidt``
+have dedicated ``*_backward`` kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+NAMESPACE = "lps_fast"
+
+# Public ops, with the schema every provider implements.
+SCHEMAS: Dict[str, str] = {
+    "permute_nodes": "(Tensor x, Tensor perm, Tensor? soft=None) -> Tensor",
+    "permute_edges": "(Tensor e, Tensor perm, Tensor? soft=None) -> Tensor",
+    "unpermute_mean": "(Tensor y, Tensor perm, Tensor? soft=None) -> Tensor",
+    "unpermute_edges_mean": "(Tensor y, Tensor perm, Tensor? soft=None, bool diagonal=False) -> Tensor",
+    "frame_apply": "(Tensor x, Tensor R, Tensor? perm=None, Tensor? center=None, Tensor? soft=None) -> Tensor",
+    "frame_unapply_mean": "(Tensor y, Tensor R, Tensor? perm=None, Tensor? center=None, Tensor? soft=None) -> Tensor",
+    "sinkhorn_sort": "(Tensor scores, float tau, int n_iter=20, Tensor? mask=None) -> (Tensor, Tensor)",
+    "permutation_entropy": "(Tensor soft, Tensor? mask=None) -> Tensor",
+    "gram_schmidt": "(Tensor V, bool proper=False) -> Tensor",
+}
+
+# Kernels that only backward passes call.
+BACKWARD_SCHEMAS: Dict[str, str] = {
+    "sinkhorn_sort_backward": "(Tensor grad_soft, Tensor scores, float tau, int n_iter, Tensor? mask) -> Tensor",
+    "permutation_entropy_backward": "(Tensor grad, Tensor soft, Tensor? mask) -> Tensor",
+    "gram_schmidt_backward": "(Tensor grad, Tensor V, bool proper) -> Tensor",
+}
+
+OP_NAMES = tuple(SCHEMAS)
+
+# Ops whose backward needs another op of the same provider: a provider offers them together.
+FAMILIES: Dict[str, tuple] = {
+    "permute_nodes": ("permute_nodes", "unpermute_mean"),
+    "unpermute_mean": ("permute_nodes", "unpermute_mean"),
+    "permute_edges": ("permute_edges", "unpermute_edges_mean", "permute_nodes"),
+    "unpermute_edges_mean": ("permute_edges", "unpermute_edges_mean", "permute_nodes"),
+    "frame_apply": ("frame_apply", "frame_unapply_mean", "permute_nodes"),
+    "frame_unapply_mean": ("frame_apply", "frame_unapply_mean", "permute_nodes"),
+    "sinkhorn_sort": ("sinkhorn_sort", "sinkhorn_sort_backward"),
+    "permutation_entropy": ("permutation_entropy", "permutation_entropy_backward"),
+    "gram_schmidt": ("gram_schmidt", "gram_schmidt_backward"),
+}
+
+
+def qualified(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes and dtypes only. Shared by every provider.
+
+
+def fake_permute_nodes(x, perm, soft=None):
+    return x.new_empty((x.shape[0], perm.shape[1], *x.shape[1:]))
+
+
+def fake_permute_edges(e, perm, soft=None):
+    return e.new_empty((e.shape[0], perm.shape[1], *e.shape[1:]))
+
+
+def fake_unpermute_mean(y, perm, soft=None):
+    return y.new_empty((y.shape[0], *y.shape[2:]))
+
+
+def fake_unpermute_edges_mean(y, perm, soft=None, diagonal=False):
+    if diagonal:
+        return y.new_empty((y.shape[0], y.shape[2], *y.shape[4:]))
+    return y.new_empty((y.shape[0], *y.shape[2:]))
+
+
+def fake_frame_apply(x, R, perm=None, center=None, soft=None):
+    return x.new_empty((x.shape[0], R.shape[1], *x.shape[1:]))
+
+
+def fake_frame_unapply_mean(y, R, perm=None, center=None, soft=None):
+    return y.new_empty((y.shape[0], *y.shape[2:]))
+
+
+def fake_sinkhorn_sort(scores, tau, n_iter=20, mask=None):
+    batch, k, n = scores.shape
+    return scores.new_empty((batch, k, n, n)), scores.new_empty((batch, k, n), dtype=torch.int64)
+
+
+def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
+    return torch.empty_like(scores)
+
+
+def fake_permutation_entropy(soft, mask=None):
+    return soft.new_empty(())
+
+
+def fake_permutation_entropy_backward(grad, soft, mask):
+    return torch.empty_like(soft)
+
+
+def fake_gram_schmidt(V, proper=False):
+    return torch.empty_like(V)
+
+
+def fake_gram_schmidt_backward(grad, V, proper):
+    return torch.empty_like(V)
+
+
+FAKES: Dict[str, Callable] = {
+    name: globals()[f"fake_{name}"] for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS)
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd formulas, written once for every provider.
+
+
+class OpSet:
+    """The ops of one provider: ``OpSet("")`` is the compiled extension, ``OpSet("_triton")``
+    the Triton kernels. Backward passes call the same provider's kernels."""
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+
+    def __getattr__(self, name: str):
+        return getattr(getattr(torch.ops, NAMESPACE), name + self.suffix)
+
+
+def _flat_features(t: torch.Tensor, leading: int) -> torch.Tensor:
+    """View ``t`` as ``[*t.shape[:leading], F]`` with all trailing feature dims folded."""
+    return t.reshape(*t.shape[:leading], -1)
+
+
+def _node_soft_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dS[b, j, i, r] = <a[b, i], b[b, j, r]>`` as one batched GEMM (a: [B, n, *F], b: [B, k, n, *F])."""
+    a_flat = _flat_features(a, 2)  # [B, n, F]
+    b_flat = _flat_features(b, 3)  # [B, k, n, F]
+    return torch.matmul(a_flat[:, None], b_flat.transpose(-1, -2))  # [B, k, n, n]
+
+
+def _gather_columns(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``out[b, j, i, s] = a[b, i, perm[b, j, s]]`` for a: [B, n, n, F] -> [B, k, n, n, F]."""
+    batch, k, n = perm.shape
+    features = a.shape[-1]
+    index = perm[:, :, None, :, None].expand(batch, k, n, n, features)
+    return torch.gather(a[:, None].expand(batch, k, n, n, features), 3, index)
+
+
+def _edge_soft_grad(a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``dS[i, r] = sum_s <a[i, p(s)], b[r, s]> + sum_s <a[p(s), i], b[s, r]>`` per sample.
+
+    ``a``: [B, n, n, *F] (shared by the samples), ``b``: [B, k, n, n, *F]. Each term is one GEMM
+    over (s, F) of column-gathered ``a`` against ``b``; the second uses both transposed.
+    """
+    batch, k, n = perm.shape
+    a = a.reshape(batch, n, n, -1)
+    b = b.reshape(batch, k, n, n, -1)
+    features = a.shape[-1]
+    direct = _gather_columns(a, perm).reshape(batch, k, n, n * features)
+    transposed = _gather_columns(a.transpose(1, 2), perm).reshape(batch, k, n, n * features)
+    b_direct = b.reshape(batch, k, n, n * features)
+    b_transposed = b.transpose(2, 3).reshape(batch, k, n, n * features)
+    grad = torch.matmul(direct, b_direct.transpose(-1, -2))
+    return grad + torch.matmul(transposed, b_transposed.transpose(-1, -2))
+
+
+def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Soft gradient of the diagonal of mean_j H y H^T (without the 1/k).
+
+    ``out[i] = sum_{r,s} H[i,r] y[r,s] H[i,s]``, so ``dH[i, r] = <G[i], y[r, q(i)] + y[q(i), r]>``
+    with ``q`` the inverse permutation (the position of node i).
+    """
+    batch, k, n = perm.shape
+    G = G.reshape(batch, n, -1)  # [B, n, F]
+    y = y.reshape(batch, k, n, n, -1)
+    features = G.shape[-1]
+    inverse = torch.argsort(perm, dim=-1)  # [B, k, n]: position of node i
+    index = inverse[:, :, None, :, None].expand(batch, k, n, n, features)
+    by_column = torch.gather(y, 3, index)  # [b, j, r, i] = y[r, q(i)]
+    by_row = torch.gather(y.transpose(2, 3), 3, index)  # [b, j, r, i] = y[q(i), r]
+    return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
+
+
+def _saved(ctx, names):
+    return dict(zip(names, ctx.saved_tensors))
+
+
+def register_autograd(ops: OpSet) -> None:
+    """Attach the backward formulas to every op of ``ops`` (one provider)."""
+    s = ops.suffix
+
+    # ---- permute_nodes: out[j, r] = x[p(r)] --------------------------------------------------
+    def setup_permute_nodes(ctx, inputs, output):
+        x, perm, soft = inputs
+        ctx.k = perm.shape[1]
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(x if soft is not None else None, perm)
+
+    def backward_permute_nodes(ctx, grad):
+        x, perm = ctx.saved_tensors
+        grad_x = grad_soft = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.unpermute_mean(grad, perm, None) * ctx.k
+        if ctx.needs_input_grad[2]:
+            grad_soft = _node_soft_grad(x, grad).to(ctx.soft_dtype)
+        return grad_x, None, grad_soft
+
+    torch.library.register_autograd(
+        qualified("permute_nodes" + s), backward_permute_nodes, setup_context=setup_permute_nodes
+    )
+
+    # ---- unpermute_mean: out[p(r)] += y[j, r] / k ------------------------------------------
+    def setup_unpermute_mean(ctx, inputs, output):
+        y, perm, soft = inputs
+        ctx.k = y.shape[1]
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(y if soft is not None else None, perm)
+
+    def backward_unpermute_mean(ctx, grad):
+        y, perm = ctx.saved_tensors
+        grad_y = grad_soft = None
+        if ctx.needs_input_grad[0]:
+            grad_y = ops.permute_nodes(grad / ctx.k, perm, None)
+        if ctx.needs_input_grad[2]:
+            grad_soft = _node_soft_grad(grad / ctx.k, y).to(ctx.soft_dtype)
+        return grad_y, None, grad_soft
+
+    torch.library.register_autograd(
+        qualified("unpermute_mean" + s), backward_unpermute_mean, setup_context=setup_unpermute_mean
+    )
+
+    # ---- permute_edges: out[j, r, s] = e[p(r), p(s)] -----------------------------------------
+    def setup_permute_edges(ctx, inputs, output):
+        e, perm, soft = inputs
+        ctx.k = perm.shape[1]
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(e if soft is not None else None, perm)
+
+    def backward_permute_edges(ctx, grad):
+        e, perm = ctx.saved_tensors
+        grad_e = grad_soft = None
+        if ctx.needs_input_grad[0]:
+            grad_e = ops.unpermute_edges_mean(grad, perm, None, False) * ctx.k
+        if ctx.needs_input_grad[2]:
+            grad_soft = _edge_soft_grad(e, grad, perm).to(ctx.soft_dtype)
+        return grad_e, None, grad_soft
+
+    torch.library.register_autograd(
+        qualified("permute_edges" + s), backward_permute_edges, setup_context=setup_permute_edges
+    )
+
+    # ---- unpermute_edges_mean: out = mean_j H y H^T (or its diagonal) ------------------------
+    def setup_unpermute_edges_mean(ctx, inputs, output):
+        y, perm, soft, diagonal = inputs
+        ctx.k = y.shape[1]
+        ctx.diagonal = diagonal
+        ctx.y_shape = y.shape
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(y if soft is not None else None, perm)
+
+    def backward_unpermute_edges_mean(ctx, grad):
+        y, perm = ctx.saved_tensors
+        grad_y = grad_soft = None
+        scaled = grad / ctx.k
+        if ctx.needs_input_grad[0]:
+            if ctx.diagonal:
+                # d/dy of a diagonal is the diagonal: dy[j, r, r] = G[p(r)] / k, zero elsewhere.
+                on_diagonal = ops.permute_nodes(scaled, perm, None)  # [B, k, n, *F]
+                grad_y = scaled.new_zeros(ctx.y_shape)
+                torch.diagonal(grad_y, dim1=2, dim2=3).copy_(on_diagonal.movedim(2, -1))
+            else:
+                grad_y = ops.permute_edges(scaled, perm, None)
+        if ctx.needs_input_grad[2]:
+            if ctx.diagonal:
+                grad_soft = _diagonal_soft_grad(scaled, y, perm)
+            else:
+                grad_soft = _edge_soft_grad(scaled, y, perm)
+            grad_soft = grad_soft.to(ctx.soft_dtype)
+        return grad_y, None, grad_soft, None
+
+    torch.library.register_autograd(
+        qualified("unpermute_edges_mean" + s),
+        backward_unpermute_edges_mean,
+        setup_context=setup_unpermute_edges_mean,
+    )
+
+    # ---- frame_apply: out[j, r] = R_j^T (x[p(r)] - c) --------------------------------------
+    def setup_frame_apply(ctx, inputs, output):
+        x, R, perm, center, soft = inputs
+        ctx.k = R.shape[1]
+        ctx.has_perm = perm is not None
+        ctx.has_center = center is not None
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(x, R, perm, center)
+
+    def backward_frame_apply(ctx, grad):
+        x, R, perm, center = ctx.saved_tensors
+        needs_x, needs_R, _, needs_center, needs_soft = ctx.needs_input_grad
+        grad_x = grad_R = grad_center = grad_soft = None
+        if needs_x or needs_center:
+            # x[i] - c reaches sample j at position q(i), rotated by R_j^T: the adjoint is the
+            # rotate-back-and-scatter of frame_unapply_mean, summed instead of averaged.
+            grad_x = ops.frame_unapply_mean(grad, R, perm, None, None) * ctx.k
+            if needs_center:
+                grad_center = -grad_x.sum(dim=1)
+            if not needs_x:
+                grad_x = None
+        if needs_R or needs_soft:
+            centered = x if center is None else x - center[:, None]
+            if needs_R:
+                # dR_j[a, m] = sum_{r, c} (x[p(r)] - c)[a, c] G[j, r][m, c]
+                if perm is None:
+                    grad_R = torch.einsum("brac,bjrmc->bjam", centered, grad)
+                else:
+                    gathered = ops.permute_nodes(centered, perm, None)
+                    grad_R = torch.einsum("bjrac,bjrmc->bjam", gathered, grad)
+            if needs_soft:
+                rotated_back = torch.einsum("bjam,bjrmc->bjrac", R, grad)  # R_j G[j, r]
+                grad_soft = _node_soft_grad(centered, rotated_back).to(ctx.soft_dtype)
+        return grad_x, grad_R, None, grad_center, grad_soft
+
+    torch.library.register_autograd(
+        qualified("frame_apply" + s), backward_frame_apply, setup_context=setup_frame_apply
+    )
+
+    # ---- frame_unapply_mean: out[p(r)] += R_j y[j, r] / k, + c -----------------------------
+    def setup_frame_unapply_mean(ctx, inputs, output):
+        y, R, perm, center, soft = inputs
+        ctx.k = y.shape[1]
+        ctx.soft_dtype = None if soft is None else soft.dtype
+        ctx.save_for_backward(y, R, perm)
+
+    def backward_frame_unapply_mean(ctx, grad):
+        y, R, perm = ctx.saved_tensors
+        needs_y, needs_R, _, needs_center, needs_soft = ctx.needs_input_grad
+        grad_y = grad_R = grad_center = grad_soft = None
+        scaled = grad / ctx.k
+        if needs_y:
+            grad_y = ops.frame_apply(scaled, R, perm, None, None)
+        if needs_R:
+            # dR_j[a, m] = sum_{r, c} G[p(r)][a, c] y[j, r][m, c] / k
+            if perm is None:
+                grad_R = torch.einsum("brac,bjrmc->bjam", scaled, y)
+            else:
+                grad_R = torch.einsum("bjrac,bjrmc->bjam", ops.permute_nodes(scaled, perm, None), y)
+        if needs_center:
+            grad_center = grad.sum(dim=1)
+        if needs_soft:
+            rotated = torch.einsum("bjam,bjrmc->bjrac", R, y)  # R_j y[j, r]
+            grad_soft = _node_soft_grad(scaled, rotated).to(ctx.soft_dtype)
+        return grad_y, grad_R, None, grad_center, grad_soft
+
+    torch.library.register_autograd(
+        qualified("frame_unapply_mean" + s),
+        backward_frame_unapply_mean,
+        setup_context=setup_frame_unapply_mean,
+    )
+
+    # ---- sinkhorn_sort: recomputing backward kernel -----------------------------------------
+    def setup_sinkhorn_sort(ctx, inputs, output):
+        scores, tau, n_iter, mask = inputs
+        ctx.tau, ctx.n_iter = tau, n_iter
+        ctx.save_for_backward(scores, mask)
+
+    def backward_sinkhorn_sort(ctx, grad_soft, grad_perm):
+        scores, mask = ctx.saved_tensors
+        grad_scores = None
+        if ctx.needs_input_grad[0] and grad_soft is not None:
+            grad_scores = ops.sinkhorn_sort_backward(grad_soft, scores, ctx.tau, ctx.n_iter, mask)
+        return grad_scores, None, None, None
+
+    torch.library.register_autograd(
+        qualified("sinkhorn_sort" + s), backward_sinkhorn_sort, setup_context=setup_sinkhorn_sort
+    )
+
+    # ---- permutation_entropy -----------------------------------------------------------------
+    def setup_permutation_entropy(ctx, inputs, output):
+        soft, mask = inputs
+        ctx.save_for_backward(soft, mask)
+
+    def backward_permutation_entropy(ctx, grad):
+        soft, mask = ctx.saved_tensors
+        grad_soft = None
+        if ctx.needs_input_grad[0]:
+            grad_soft = ops.permutation_entropy_backward(grad, soft, mask)
+        return grad_soft, None
+
+    torch.library.register_autograd(
+        qualified("permutation_entropy" + s),
+        backward_permutation_entropy,
+        setup_context=setup_permutation_entropy,
+    )
+
+    # ---- gram_schmidt -------------------------------------------------------------------------
+    def setup_gram_schmidt(ctx, inputs, output):
+        V, proper = inputs
+        ctx.proper = proper
+        ctx.save_for_backward(V)
+
+    def backward_gram_schmidt(ctx, grad):
+        (V,) = ctx.saved_tensors
+        grad_V = None
+        if ctx.needs_input_grad[0]:
+            grad_V = ops.gram_schmidt_backward(grad, V, ctx.proper)
+        return grad_V, None
+
+    torch.library.register_autograd(
+        qualified("gram_schmidt" + s), backward_gram_schmidt, setup_context=setup_gram_schmidt
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Declaration of the compiled-extension ops (the C++ kernels register against these schemas).
+
+_library: Optional[torch.library.Library] = None
+
+
+def define_compiled_ops() -> None:
+    """Declare ``lps_fast::<op>`` and its fake kernel and autograd (once per process)."""
+    global _library
+    if _library is not None:
+        return
+    _library = torch.library.Library(NAMESPACE, "FRAGMENT")
+    for name, schema in {**SCHEMAS, **BACKWARD_SCHEMAS}.items():
+        _library.define(name + schema)
+        torch.library.register_fake(qualified(name), FAKES[name], lib=_library)
+    register_autograd(OpSet(""))
+
+
+def register_missing_cuda_kernels(reason: str) -> None:
+    """Give CUDA tensors a clear error instead of a dispatcher message when no CUDA build loaded."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            f"lps_fast's CUDA kernels are not available ({reason}); the public functions "
+            "lps_fast.<op> route CUDA tensors to Triton or the reference path instead"
+        )
+
+    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS):
+        _library.impl(name, refuse, "CUDA")

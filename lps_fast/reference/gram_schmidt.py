@@ -1,0 +1,33 @@
+"""Reference Gram-Schmidt: three equivariant vectors -> an O(3) (or SO(3)) frame."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+NORM_EPS = 1e-12
+
+
+def _project(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(<v, u> / <u, u>) u`` over the vector dim (-2 of a column stack)."""
+    return (v * u).sum(dim=-1, keepdim=True) / (u * u).sum(dim=-1, keepdim=True) * u
+
+
+def _gram_schmidt(V: torch.Tensor, proper: bool) -> torch.Tensor:
+    v0, v1, v2 = V[..., :, 0], V[..., :, 1], V[..., :, 2]  # columns, [..., 3]
+    u0 = v0
+    u1 = v1 - _project(u0, v1)
+    u2 = v2 - _project(u0, v2) - _project(u1, v2)  # classical: both projections of v2
+    columns = [u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS) for u in (u0, u1, u2)]
+    R = torch.stack(columns, dim=-1)
+    if proper:
+        det = torch.linalg.det(R)[..., None]
+        R = torch.cat([R[..., :, :1] * det[..., None], R[..., :, 1:]], dim=-1)
+    return R
+
+
+def gram_schmidt(V: torch.Tensor, proper: bool = False) -> torch.Tensor:
+    """Orthonormalize the columns of ``V (..., 3, 3)``; ``proper=True`` flips column 0 by ``det``."""
+    _checks.check_gram_schmidt(V, proper)
+    return _gram_schmidt(V, proper)
