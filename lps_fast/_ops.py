@@ -192,13 +192,24 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
 
 
-def _saved(ctx, names):
-    return dict(zip(names, ctx.saved_tensors))
+def _needs_grad(ctx, count: int) -> tuple:
+    """``ctx.needs_input_grad`` padded to ``count``: the dispatcher drops trailing arguments that
+    equal their defaults (``soft=None``), and those never need a gradient."""
+    needs = tuple(ctx.needs_input_grad)
+    return needs + (False,) * (count - len(needs))
 
 
-def register_autograd(ops: OpSet) -> None:
-    """Attach the backward formulas to every op of ``ops`` (one provider)."""
+def register_autograd(ops: OpSet, names=None) -> None:
+    """Attach the backward formulas to the public ops ``names`` (default: all) of one provider.
+
+    A provider registers only ops it implements, with every member of their ``FAMILIES``.
+    """
     s = ops.suffix
+    wanted = set(OP_NAMES if names is None else names)
+
+    def register(name, backward, setup_context):
+        if name in wanted:
+            torch.library.register_autograd(qualified(name + s), backward, setup_context=setup_context)
 
     # ---- permute_nodes: out[j, r] = x[p(r)] --------------------------------------------------
     def setup_permute_nodes(ctx, inputs, output):
@@ -209,16 +220,15 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_permute_nodes(ctx, grad):
         x, perm = ctx.saved_tensors
+        needs = _needs_grad(ctx, 3)
         grad_x = grad_soft = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_x = ops.unpermute_mean(grad, perm, None) * ctx.k
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             grad_soft = _node_soft_grad(x, grad).to(ctx.soft_dtype)
         return grad_x, None, grad_soft
 
-    torch.library.register_autograd(
-        qualified("permute_nodes" + s), backward_permute_nodes, setup_context=setup_permute_nodes
-    )
+    register("permute_nodes", backward_permute_nodes, setup_permute_nodes)
 
     # ---- unpermute_mean: out[p(r)] += y[j, r] / k ------------------------------------------
     def setup_unpermute_mean(ctx, inputs, output):
@@ -229,16 +239,15 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_unpermute_mean(ctx, grad):
         y, perm = ctx.saved_tensors
+        needs = _needs_grad(ctx, 3)
         grad_y = grad_soft = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_y = ops.permute_nodes(grad / ctx.k, perm, None)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             grad_soft = _node_soft_grad(grad / ctx.k, y).to(ctx.soft_dtype)
         return grad_y, None, grad_soft
 
-    torch.library.register_autograd(
-        qualified("unpermute_mean" + s), backward_unpermute_mean, setup_context=setup_unpermute_mean
-    )
+    register("unpermute_mean", backward_unpermute_mean, setup_unpermute_mean)
 
     # ---- permute_edges: out[j, r, s] = e[p(r), p(s)] -----------------------------------------
     def setup_permute_edges(ctx, inputs, output):
@@ -249,16 +258,15 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_permute_edges(ctx, grad):
         e, perm = ctx.saved_tensors
+        needs = _needs_grad(ctx, 3)
         grad_e = grad_soft = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_e = ops.unpermute_edges_mean(grad, perm, None, False) * ctx.k
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             grad_soft = _edge_soft_grad(e, grad, perm).to(ctx.soft_dtype)
         return grad_e, None, grad_soft
 
-    torch.library.register_autograd(
-        qualified("permute_edges" + s), backward_permute_edges, setup_context=setup_permute_edges
-    )
+    register("permute_edges", backward_permute_edges, setup_permute_edges)
 
     # ---- unpermute_edges_mean: out = mean_j H y H^T (or its diagonal) ------------------------
     def setup_unpermute_edges_mean(ctx, inputs, output):
@@ -271,9 +279,10 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_unpermute_edges_mean(ctx, grad):
         y, perm = ctx.saved_tensors
+        needs = _needs_grad(ctx, 4)
         grad_y = grad_soft = None
         scaled = grad / ctx.k
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             if ctx.diagonal:
                 # d/dy of a diagonal is the diagonal: dy[j, r, r] = G[p(r)] / k, zero elsewhere.
                 on_diagonal = ops.permute_nodes(scaled, perm, None)  # [B, k, n, *F]
@@ -281,7 +290,7 @@ def register_autograd(ops: OpSet) -> None:
                 torch.diagonal(grad_y, dim1=2, dim2=3).copy_(on_diagonal.movedim(2, -1))
             else:
                 grad_y = ops.permute_edges(scaled, perm, None)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             if ctx.diagonal:
                 grad_soft = _diagonal_soft_grad(scaled, y, perm)
             else:
@@ -289,11 +298,7 @@ def register_autograd(ops: OpSet) -> None:
             grad_soft = grad_soft.to(ctx.soft_dtype)
         return grad_y, None, grad_soft, None
 
-    torch.library.register_autograd(
-        qualified("unpermute_edges_mean" + s),
-        backward_unpermute_edges_mean,
-        setup_context=setup_unpermute_edges_mean,
-    )
+    register("unpermute_edges_mean", backward_unpermute_edges_mean, setup_unpermute_edges_mean)
 
     # ---- frame_apply: out[j, r] = R_j^T (x[p(r)] - c) --------------------------------------
     def setup_frame_apply(ctx, inputs, output):
@@ -306,7 +311,7 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_frame_apply(ctx, grad):
         x, R, perm, center = ctx.saved_tensors
-        needs_x, needs_R, _, needs_center, needs_soft = ctx.needs_input_grad
+        needs_x, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_x = grad_R = grad_center = grad_soft = None
         if needs_x or needs_center:
             # x[i] - c reaches sample j at position q(i), rotated by R_j^T: the adjoint is the
@@ -330,9 +335,7 @@ def register_autograd(ops: OpSet) -> None:
                 grad_soft = _node_soft_grad(centered, rotated_back).to(ctx.soft_dtype)
         return grad_x, grad_R, None, grad_center, grad_soft
 
-    torch.library.register_autograd(
-        qualified("frame_apply" + s), backward_frame_apply, setup_context=setup_frame_apply
-    )
+    register("frame_apply", backward_frame_apply, setup_frame_apply)
 
     # ---- frame_unapply_mean: out[p(r)] += R_j y[j, r] / k, + c -----------------------------
     def setup_frame_unapply_mean(ctx, inputs, output):
@@ -343,7 +346,7 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_frame_unapply_mean(ctx, grad):
         y, R, perm = ctx.saved_tensors
-        needs_y, needs_R, _, needs_center, needs_soft = ctx.needs_input_grad
+        needs_y, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_y = grad_R = grad_center = grad_soft = None
         scaled = grad / ctx.k
         if needs_y:
@@ -361,11 +364,7 @@ def register_autograd(ops: OpSet) -> None:
             grad_soft = _node_soft_grad(scaled, rotated).to(ctx.soft_dtype)
         return grad_y, grad_R, None, grad_center, grad_soft
 
-    torch.library.register_autograd(
-        qualified("frame_unapply_mean" + s),
-        backward_frame_unapply_mean,
-        setup_context=setup_frame_unapply_mean,
-    )
+    register("frame_unapply_mean", backward_frame_unapply_mean, setup_frame_unapply_mean)
 
     # ---- sinkhorn_sort: recomputing backward kernel -----------------------------------------
     def setup_sinkhorn_sort(ctx, inputs, output):
@@ -375,14 +374,13 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_sinkhorn_sort(ctx, grad_soft, grad_perm):
         scores, mask = ctx.saved_tensors
+        needs = _needs_grad(ctx, 4)
         grad_scores = None
-        if ctx.needs_input_grad[0] and grad_soft is not None:
+        if needs[0] and grad_soft is not None:
             grad_scores = ops.sinkhorn_sort_backward(grad_soft, scores, ctx.tau, ctx.n_iter, mask)
         return grad_scores, None, None, None
 
-    torch.library.register_autograd(
-        qualified("sinkhorn_sort" + s), backward_sinkhorn_sort, setup_context=setup_sinkhorn_sort
-    )
+    register("sinkhorn_sort", backward_sinkhorn_sort, setup_sinkhorn_sort)
 
     # ---- permutation_entropy -----------------------------------------------------------------
     def setup_permutation_entropy(ctx, inputs, output):
@@ -391,16 +389,13 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_permutation_entropy(ctx, grad):
         soft, mask = ctx.saved_tensors
+        needs = _needs_grad(ctx, 2)
         grad_soft = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_soft = ops.permutation_entropy_backward(grad, soft, mask)
         return grad_soft, None
 
-    torch.library.register_autograd(
-        qualified("permutation_entropy" + s),
-        backward_permutation_entropy,
-        setup_context=setup_permutation_entropy,
-    )
+    register("permutation_entropy", backward_permutation_entropy, setup_permutation_entropy)
 
     # ---- gram_schmidt -------------------------------------------------------------------------
     def setup_gram_schmidt(ctx, inputs, output):
@@ -410,14 +405,13 @@ def register_autograd(ops: OpSet) -> None:
 
     def backward_gram_schmidt(ctx, grad):
         (V,) = ctx.saved_tensors
+        needs = _needs_grad(ctx, 2)
         grad_V = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_V = ops.gram_schmidt_backward(grad, V, ctx.proper)
         return grad_V, None
 
-    torch.library.register_autograd(
-        qualified("gram_schmidt" + s), backward_gram_schmidt, setup_context=setup_gram_schmidt
-    )
+    register("gram_schmidt", backward_gram_schmidt, setup_gram_schmidt)
 
 
 # --------------------------------------------------------------------------------------------
