@@ -1,19 +1,24 @@
 // Python module entry of both compiled extensions (lps_fast._C and lps_fast._C_cuda).
 // Importing the module runs the TORCH_LIBRARY_IMPL blocks of its sources, which register the
-// kernels under the lps_fast:: schemas declared in lps_fast/_ops.py.
-#include <torch/extension.h>
+// kernels under the lps_fast:: schemas declared in lps_fast/_ops.py. Only pybind11 is included
+// here (not torch/extension.h), which keeps this file quick to compile.
+#include <pybind11/pybind11.h>
+
+#include <string>
 
 #ifdef LPS_FAST_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
+#ifndef LPS_FAST_TORCH_VERSION
+#error "setup.py defines LPS_FAST_TORCH_VERSION"
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lps_fast compiled kernels";
-  // The torch the binary was compiled against; a different torch at run time is refused by
-  // the loader, since the C++ ABI of torch changes between releases.
-  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +
-                            std::to_string(TORCH_VERSION_MINOR) + "." +
-                            std::to_string(TORCH_VERSION_PATCH);
+  // The torch the binary was compiled against; the loader refuses a different one, since the
+  // C++ ABI of torch changes between releases.
+  m.attr("torch_version") = std::string(LPS_FAST_TORCH_VERSION);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -67,3 +67,59 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 
 def ids(**params) -> str:
     return "-".join(f"{k}{v}" for k, v in params.items())
+
+
+def clone_inputs(inputs):
+    """Fresh leaves: floating tensors that required grad keep requiring it."""
+    cloned = []
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            leaf = value.detach().clone()
+            if value.requires_grad:
+                leaf.requires_grad_(True)
+            cloned.append(leaf)
+        else:
+            cloned.append(value)
+    return cloned
+
+
+def run_with_grads(fn, inputs, upstream=None, seed=1234):
+    """Run ``fn(*inputs)`` and backpropagate one shared upstream gradient; returns
+    (outputs, {input index: grad}). ``upstream`` defaults to a seeded random tensor."""
+    import lps_fast  # noqa: F401
+
+    inputs = clone_inputs(inputs)
+    out = fn(*inputs)
+    first = out[0] if isinstance(out, tuple) else out
+    grads = {}
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        if upstream is None:
+            generator = torch.Generator().manual_seed(seed)
+            upstream = torch.randn(first.shape, generator=generator, dtype=torch.float64).to(first.dtype)
+        first.backward(upstream)
+        grads = {i: t.grad for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad}
+    return out, grads
+
+
+def compare_backends(op_name, inputs, backend, *, exact_forward=False, dtype=None, atol=None, rtol=None,
+                     grad_atol=None, grad_rtol=None):
+    """Run ``lps_fast.<op_name>`` on ``backend`` and on the reference; compare the outputs and
+    the gradients of every input that requires grad (one shared upstream gradient)."""
+    import lps_fast
+
+    fn = getattr(lps_fast, op_name)
+    with lps_fast.use_backend(backend):
+        fast_out, fast_grads = run_with_grads(fn, inputs)
+    with lps_fast.use_backend("reference"):
+        ref_out, ref_grads = run_with_grads(fn, inputs)
+    fast_list = fast_out if isinstance(fast_out, tuple) else (fast_out,)
+    ref_list = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    for index, (a, e) in enumerate(zip(fast_list, ref_list)):
+        assert a.dtype == e.dtype, f"{op_name} output {index}: dtype {a.dtype} != {e.dtype}"
+        assert_close(a, e, exact=exact_forward or not e.is_floating_point(), dtype=dtype, atol=atol, rtol=rtol,
+                     name=f"{op_name} output {index}")
+    assert fast_grads.keys() == ref_grads.keys()
+    for index in ref_grads:
+        assert_close(fast_grads[index], ref_grads[index], dtype=dtype, atol=grad_atol, rtol=grad_rtol,
+                     name=f"{op_name} grad of input {index}")
+    return fast_out, fast_grads

@@ -1,0 +1,42 @@
+// Small numeric helpers for the CPU kernels, written so that loops calling them vectorize.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace lps_fast {
+namespace cpu {
+
+// exp for float in plain arithmetic (no libm call), so that gcc vectorizes loops over it:
+// exp(x) = 2^n exp(f), n = round(x / ln 2), |f| <= ln(2) / 2, with a degree-6 polynomial for
+// exp(f) (about 1 ulp). Arguments below -87.3 return about 1e-38 instead of 0, which only ever
+// adds such a term to sums of O(1) values.
+inline float fast_exp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float f = x - n * 0.693359375f;  // ln 2 in two parts, for an exact reduction
+  f = f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+// sign with sign(0) = 0, as the gradient of |x| in autograd.
+template <typename T>
+inline T sign(T x) {
+  return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+}  // namespace cpu
+}  // namespace lps_fast

@@ -1,0 +1,478 @@
+// CPU kernels of the distribution side of S_n: sinkhorn_sort (forward and backward) and
+// permutation_entropy (forward and backward). SPEC section 3 defines them; docs/DESIGN.md
+// derives the dual-potential form used here.
+//
+// One (b, j) matrix per parallel item. The Sinkhorn iterates are L0 - U[i] - V[r], so the
+// kernel keeps the m x m cost matrix L0 (m real nodes) and the two potential vectors in cache,
+// and never stores an n x n iterate; the backward pass recomputes the potentials of every
+// iteration (2 * n_iter * m numbers) instead of keeping 2 * n_iter dense matrices alive.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+
+#include "cpu/sinkhorn_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+#include "cpu/math.h"
+
+namespace lps_fast {
+namespace cpu {
+namespace {
+
+constexpr double kNormEps = 1e-12;
+constexpr double kMaskedNormEps = 1e-6;
+constexpr double kEntropyClamp = 1e-12;
+constexpr double kLogFloor = -100.0;
+
+// Normalized scores, their descending order and the compact real-node layout of one matrix.
+template <typename acc_t>
+struct SortedScores {
+  std::vector<acc_t> normalized;      // s_hat by node, padded nodes 0      [n]
+  std::vector<int64_t> order;         // node at each position (the perm)  [n]
+  std::vector<int64_t> real_nodes;    // real nodes in index order: the rows of L0  [m]
+  std::vector<acc_t> node_score;      // s_hat[real_nodes[ii]]             [m]
+  std::vector<acc_t> position_score;  // s_hat[order[r]], r < m            [m]
+  acc_t norm = 0;
+  acc_t eps = 0;
+  int64_t m = 0;
+
+  template <typename scalar_t>
+  void compute(const scalar_t* scores, const bool* mask, int64_t n) {
+    normalized.resize(n);
+    order.resize(n);
+    real_nodes.clear();
+    acc_t squares = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const bool real = mask == nullptr || mask[i];
+      const acc_t value = real ? static_cast<acc_t>(scores[i]) : acc_t(0);
+      normalized[i] = value;
+      squares += value * value;
+      if (real) real_nodes.push_back(i);
+    }
+    m = static_cast<int64_t>(real_nodes.size());
+    norm = std::sqrt(squares);
+    eps = static_cast<acc_t>(mask == nullptr ? kNormEps : kMaskedNormEps);
+    const acc_t denominator = std::max(norm, eps);
+    for (int64_t i = 0; i < n; ++i) normalized[i] /= denominator;
+
+    // Descending, stable (ties and padded nodes in index order); NaN sorts first, as in torch.
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      const bool real_a = mask == nullptr || mask[a], real_b = mask == nullptr || mask[b];
+      if (real_a != real_b) return real_a;
+      if (!real_a) return false;
+      const acc_t sa = normalized[a], sb = normalized[b];
+      const bool nan_a = std::isnan(sa), nan_b = std::isnan(sb);
+      if (nan_a || nan_b) return nan_a && !nan_b;
+      return sa > sb;
+    });
+    node_score.resize(m);
+    position_score.resize(m);
+    for (int64_t ii = 0; ii < m; ++ii) {
+      node_score[ii] = normalized[real_nodes[ii]];
+      position_score[ii] = normalized[order[ii]];
+    }
+  }
+
+  // L0[ii, r] = -|s_hat[node ii] - s_hat_sorted[r]| / tau over the real block.
+  void cost(acc_t tau, std::vector<acc_t>& L0) const {
+    L0.resize(m * m);
+    const acc_t inverse_tau = acc_t(1) / tau;
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const acc_t s = node_score[ii];
+      acc_t* row = L0.data() + ii * m;
+      for (int64_t r = 0; r < m; ++r) row[r] = -std::abs(s - position_score[r]) * inverse_tau;
+    }
+  }
+};
+
+// U[ii] = logsumexp_r (L0[ii, r] - V[r])
+template <typename acc_t>
+void row_potentials(const acc_t* L0, int64_t m, const acc_t* V, acc_t* U) {
+  for (int64_t ii = 0; ii < m; ++ii) {
+    const acc_t* row = L0 + ii * m;
+    acc_t peak = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t r = 0; r < m; ++r) peak = std::max(peak, row[r] - V[r]);
+    acc_t total = 0;
+    for (int64_t r = 0; r < m; ++r) total += fast_exp(row[r] - V[r] - peak);
+    U[ii] = peak + std::log(total);
+  }
+}
+
+// V[r] = logsumexp_ii (L0[ii, r] - U[ii]); rows outer so the inner loop runs along memory.
+template <typename acc_t>
+void column_potentials(const acc_t* L0, int64_t m, const acc_t* U, acc_t* V, acc_t* peak, acc_t* total) {
+  std::fill(peak, peak + m, -std::numeric_limits<acc_t>::infinity());
+  std::fill(total, total + m, acc_t(0));
+  for (int64_t ii = 0; ii < m; ++ii) {
+    const acc_t* row = L0 + ii * m;
+    const acc_t u = U[ii];
+    for (int64_t r = 0; r < m; ++r) peak[r] = std::max(peak[r], row[r] - u);
+  }
+  for (int64_t ii = 0; ii < m; ++ii) {
+    const acc_t* row = L0 + ii * m;
+    const acc_t u = U[ii];
+    for (int64_t r = 0; r < m; ++r) total[r] += fast_exp(row[r] - u - peak[r]);
+  }
+  for (int64_t r = 0; r < m; ++r) V[r] = peak[r] + std::log(total[r]);
+}
+
+template <typename acc_t>
+struct SinkhornWorkspace {
+  SortedScores<acc_t> sorted;
+  std::vector<acc_t> L0, U, V, peak, total;
+  std::vector<acc_t> history_U, history_V;  // backward: potentials of every iteration
+
+  // Runs n_iter iterations; with `keep_history`, history_U[t] = U_{t+1}, history_V[t] = V_{t+1}.
+  void iterate(int64_t n_iter, bool keep_history) {
+    const int64_t m = sorted.m;
+    U.assign(m, acc_t(0));
+    V.assign(m, acc_t(0));
+    peak.resize(m);
+    total.resize(m);
+    if (keep_history) {
+      history_U.resize(n_iter * m);
+      history_V.resize(n_iter * m);
+    }
+    for (int64_t t = 0; t < n_iter; ++t) {
+      row_potentials(L0.data(), m, V.data(), U.data());
+      column_potentials(L0.data(), m, U.data(), V.data(), peak.data(), total.data());
+      if (keep_history) {
+        std::copy(U.begin(), U.end(), history_U.begin() + t * m);
+        std::copy(V.begin(), V.end(), history_V.begin() + t * m);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_iter, const bool* mask_data,
+                             at::Tensor& soft, at::Tensor& perm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = scores.size(0), k = scores.size(1), n = scores.size(2);
+  const scalar_t* score_data = scores.const_data_ptr<scalar_t>();
+  scalar_t* soft_data = soft.mutable_data_ptr<scalar_t>();
+  int64_t* perm_data = perm.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+    SinkhornWorkspace<acc_t> work;
+    for (int64_t matrix = begin; matrix < end; ++matrix) {
+      const int64_t b = matrix / k;
+      const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
+      work.sorted.compute(score_data + matrix * n, mask, n);
+      std::copy(work.sorted.order.begin(), work.sorted.order.end(), perm_data + matrix * n);
+      work.sorted.cost(static_cast<acc_t>(tau), work.L0);
+      work.iterate(n_iter, /*keep_history=*/false);
+      const int64_t m = work.sorted.m;
+      scalar_t* out = soft_data + matrix * n * n;
+      std::fill(out, out + n * n, scalar_t(0));
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t* row = work.L0.data() + ii * m;
+        const acc_t u = work.U[ii];
+        scalar_t* out_row = out + work.sorted.real_nodes[ii] * n;
+        for (int64_t r = 0; r < m; ++r) out_row[r] = static_cast<scalar_t>(fast_exp(row[r] - u - work.V[r]));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& scores, double tau, int64_t n_iter,
+                              const bool* mask_data, at::Tensor& grad_scores) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = scores.size(0), k = scores.size(1), n = scores.size(2);
+  const scalar_t* score_data = scores.const_data_ptr<scalar_t>();
+  const scalar_t* grad_data = grad_soft.const_data_ptr<scalar_t>();
+  scalar_t* out_data = grad_scores.mutable_data_ptr<scalar_t>();
+  const acc_t inverse_tau = acc_t(1) / static_cast<acc_t>(tau);
+  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+    SinkhornWorkspace<acc_t> work;
+    std::vector<acc_t> adjoint_U, adjoint_V, next_adjoint_V, d_node, d_position, d_normalized, weight;
+    for (int64_t matrix = begin; matrix < end; ++matrix) {
+      const int64_t b = matrix / k;
+      const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
+      SortedScores<acc_t>& sorted = work.sorted;
+      sorted.compute(score_data + matrix * n, mask, n);
+      sorted.cost(static_cast<acc_t>(tau), work.L0);
+      work.iterate(n_iter, /*keep_history=*/true);
+      const int64_t m = sorted.m;
+      const acc_t* L0 = work.L0.data();
+      const acc_t* s = sorted.node_score.data();
+      const acc_t* t = sorted.position_score.data();
+      adjoint_U.assign(m, acc_t(0));
+      adjoint_V.assign(m, acc_t(0));
+      next_adjoint_V.resize(m);
+      d_node.assign(m, acc_t(0));      // d loss / d s_hat[node ii]
+      d_position.assign(m, acc_t(0));  // d loss / d s_hat_sorted[r]
+      weight.resize(m);
+
+      // Folds an adjoint a(ii, r) of L0 into the score adjoints:
+      // dL0/ds[ii] = -sign(s[ii] - t[r]) / tau, dL0/dt[r] = +sign(...) / tau.
+      auto fold = [&](int64_t ii, const acc_t* adjoint_row) {
+        const acc_t score = s[ii];
+        acc_t node_sum = 0;
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t slope = sign(score - t[r]) * inverse_tau * adjoint_row[r];
+          node_sum -= slope;
+          d_position[r] += slope;
+        }
+        d_node[ii] += node_sum;
+      };
+
+      // The output soft = exp(L0 - U_T - V_T): dL = G * soft.
+      const scalar_t* G = grad_data + matrix * n * n;
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t* row = L0 + ii * m;
+        const acc_t u = work.U[ii];
+        const scalar_t* g_row = G + sorted.real_nodes[ii] * n;
+        acc_t row_sum = 0;
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t value = static_cast<acc_t>(g_row[r]) * fast_exp(row[r] - u - work.V[r]);
+          weight[r] = value;
+          row_sum += value;
+          adjoint_V[r] -= value;
+        }
+        adjoint_U[ii] -= row_sum;
+        fold(ii, weight.data());
+      }
+      for (int64_t step = n_iter - 1; step >= 0; --step) {
+        const acc_t* U_t = work.history_U.data() + step * m;
+        const acc_t* V_t = work.history_V.data() + step * m;
+        const acc_t* V_before = step > 0 ? work.history_V.data() + (step - 1) * m : nullptr;
+        // Column step V_t = lse_ii(L0 - U_t): P = exp(L0 - U_t - V_t).
+        for (int64_t ii = 0; ii < m; ++ii) {
+          const acc_t* row = L0 + ii * m;
+          const acc_t u = U_t[ii];
+          acc_t row_sum = 0;
+          for (int64_t r = 0; r < m; ++r) {
+            const acc_t value = adjoint_V[r] * fast_exp(row[r] - u - V_t[r]);
+            weight[r] = value;
+            row_sum += value;
+          }
+          adjoint_U[ii] -= row_sum;
+          fold(ii, weight.data());
+        }
+        // Row step U_t = lse_r(L0 - V_{t-1}): Q = exp(L0 - V_{t-1} - U_t), V_0 = 0.
+        std::fill(next_adjoint_V.begin(), next_adjoint_V.end(), acc_t(0));
+        for (int64_t ii = 0; ii < m; ++ii) {
+          const acc_t* row = L0 + ii * m;
+          const acc_t u = U_t[ii];
+          const acc_t a = adjoint_U[ii];
+          for (int64_t r = 0; r < m; ++r) {
+            const acc_t v = V_before == nullptr ? acc_t(0) : V_before[r];
+            const acc_t value = a * fast_exp(row[r] - v - u);
+            weight[r] = value;
+            next_adjoint_V[r] -= value;
+          }
+          fold(ii, weight.data());
+        }
+        std::swap(adjoint_V, next_adjoint_V);
+        std::fill(adjoint_U.begin(), adjoint_U.end(), acc_t(0));
+      }
+
+      // Back to s_hat by node, then through s_hat = s / max(||s||, eps).
+      d_normalized.assign(n, acc_t(0));
+      for (int64_t ii = 0; ii < m; ++ii) {
+        d_normalized[sorted.real_nodes[ii]] += d_node[ii];
+        d_normalized[sorted.order[ii]] += d_position[ii];
+      }
+      scalar_t* out = out_data + matrix * n;
+      if (sorted.norm >= sorted.eps) {
+        acc_t projection = 0;
+        for (int64_t i = 0; i < n; ++i) projection += sorted.normalized[i] * d_normalized[i];
+        for (int64_t i = 0; i < n; ++i) {
+          const bool real = mask == nullptr || mask[i];
+          out[i] = real ? static_cast<scalar_t>((d_normalized[i] - sorted.normalized[i] * projection) / sorted.norm)
+                        : scalar_t(0);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const bool real = mask == nullptr || mask[i];
+          out[i] = real ? static_cast<scalar_t>(d_normalized[i] / sorted.eps) : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+// ---- permutation entropy ---------------------------------------------------------------------
+
+// Clamped entries a, column sums c and row sums w of one matrix over the real block.
+template <typename acc_t>
+struct EntropyTerms {
+  std::vector<acc_t> clamped, column_sum, row_sum;
+  std::vector<uint8_t> active;  // soft >= clamp on a real pair: where the clamp passes gradient
+  std::vector<uint8_t> real;
+
+  template <typename scalar_t>
+  void compute(const scalar_t* soft, const bool* mask, int64_t n) {
+    clamped.assign(n * n, acc_t(0));
+    active.assign(n * n, 0);
+    column_sum.assign(n, acc_t(0));
+    row_sum.assign(n, acc_t(0));
+    real.resize(n);
+    for (int64_t i = 0; i < n; ++i) real[i] = mask == nullptr || mask[i];
+    for (int64_t i = 0; i < n; ++i) {
+      if (!real[i]) continue;
+      for (int64_t r = 0; r < n; ++r) {
+        if (!real[r]) continue;
+        const acc_t value = static_cast<acc_t>(soft[i * n + r]);
+        const acc_t kept = std::max(value, static_cast<acc_t>(kEntropyClamp));
+        clamped[i * n + r] = kept;
+        active[i * n + r] = value >= static_cast<acc_t>(kEntropyClamp);
+        column_sum[r] += kept;
+        row_sum[i] += kept;
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t floored_log(acc_t p) {
+  return std::max(std::log(p), static_cast<acc_t>(kLogFloor));
+}
+
+// d(-p l(p))/dp = -(l(p) + [log p >= floor])
+template <typename acc_t>
+inline acc_t entropy_slope(acc_t p) {
+  const acc_t log_p = std::log(p);
+  return -(std::max(log_p, static_cast<acc_t>(kLogFloor)) + (log_p >= static_cast<acc_t>(kLogFloor) ? 1 : 0));
+}
+
+template <typename scalar_t>
+void entropy_forward_kernel(const at::Tensor& soft, const bool* mask_data, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = soft.size(0), k = soft.size(1), n = soft.size(2);
+  const scalar_t* soft_data = soft.const_data_ptr<scalar_t>();
+  std::vector<double> per_matrix(batch * k, 0.0);
+  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+    EntropyTerms<acc_t> terms;
+    for (int64_t matrix = begin; matrix < end; ++matrix) {
+      const int64_t b = matrix / k;
+      terms.compute(soft_data + matrix * n * n, mask_data == nullptr ? nullptr : mask_data + b * n, n);
+      acc_t total = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!terms.real[i]) continue;
+        for (int64_t r = 0; r < n; ++r) {
+          if (!terms.real[r]) continue;
+          const acc_t a = terms.clamped[i * n + r];
+          const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
+          total -= p * floored_log(p) + q * floored_log(q);
+        }
+      }
+      per_matrix[matrix] = static_cast<double>(total);
+    }
+  });
+  double result = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t n_real = n;
+    if (mask_data != nullptr) n_real = std::count(mask_data + b * n, mask_data + (b + 1) * n, true);
+    double graph = 0;
+    for (int64_t j = 0; j < k; ++j) graph += per_matrix[b * k + j];
+    result += graph / (static_cast<double>(k) * std::max<int64_t>(n_real, 1));
+  }
+  out.fill_(batch > 0 ? result / batch : std::numeric_limits<double>::quiet_NaN());
+}
+
+template <typename scalar_t>
+void entropy_backward_kernel(const at::Tensor& grad, const at::Tensor& soft, const bool* mask_data,
+                             at::Tensor& grad_soft) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = soft.size(0), k = soft.size(1), n = soft.size(2);
+  const scalar_t* soft_data = soft.const_data_ptr<scalar_t>();
+  scalar_t* out_data = grad_soft.mutable_data_ptr<scalar_t>();
+  const acc_t upstream = grad.item<acc_t>();
+  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+    EntropyTerms<acc_t> terms;
+    std::vector<acc_t> column_mean, row_mean;  // sum_m g(p[m, r]) p[m, r], sum_s g(q[i, s]) q[i, s]
+    for (int64_t matrix = begin; matrix < end; ++matrix) {
+      const int64_t b = matrix / k;
+      const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
+      terms.compute(soft_data + matrix * n * n, mask, n);
+      const int64_t n_real = mask == nullptr ? n : std::count(mask, mask + n, true);
+      const acc_t scale = upstream / (static_cast<acc_t>(batch) * k * std::max<int64_t>(n_real, 1));
+      column_mean.assign(n, acc_t(0));
+      row_mean.assign(n, acc_t(0));
+      for (int64_t i = 0; i < n; ++i) {
+        if (!terms.real[i]) continue;
+        for (int64_t r = 0; r < n; ++r) {
+          if (!terms.real[r]) continue;
+          const acc_t a = terms.clamped[i * n + r];
+          const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
+          column_mean[r] += entropy_slope(p) * p;
+          row_mean[i] += entropy_slope(q) * q;
+        }
+      }
+      scalar_t* out = out_data + matrix * n * n;
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t value = 0;
+          if (terms.active[i * n + r]) {
+            const acc_t a = terms.clamped[i * n + r];
+            const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
+            value = scale * ((entropy_slope(p) - column_mean[r]) / terms.column_sum[r] +
+                             (entropy_slope(q) - row_mean[i]) / terms.row_sum[i]);
+          }
+          out[i * n + r] = static_cast<scalar_t>(value);
+        }
+      }
+    }
+  });
+}
+
+const bool* mask_pointer(const c10::optional<at::Tensor>& mask) {
+  return mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_sort(const at::Tensor& scores, double tau, int64_t n_iter,
+                                                 const c10::optional<at::Tensor>& mask) {
+  const int64_t batch = scores.size(0), k = scores.size(1), n = scores.size(2);
+  at::Tensor soft = at::empty({batch, k, n, n}, scores.options());
+  at::Tensor perm = at::empty({batch, k, n}, scores.options().dtype(at::kLong));
+  if (perm.numel() == 0) return {soft, perm};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_sort_cpu", [&] {
+    sinkhorn_forward_kernel<scalar_t>(scores, tau, n_iter, mask_pointer(mask), soft, perm);
+  });
+  return {soft, perm};
+}
+
+at::Tensor sinkhorn_sort_backward(const at::Tensor& grad_soft, const at::Tensor& scores, double tau,
+                                  int64_t n_iter, const c10::optional<at::Tensor>& mask) {
+  at::Tensor grad_scores = at::empty(scores.sizes(), scores.options());
+  if (grad_scores.numel() == 0) return grad_scores;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_sort_backward_cpu", [&] {
+    sinkhorn_backward_kernel<scalar_t>(grad_soft, scores, tau, n_iter, mask_pointer(mask), grad_scores);
+  });
+  return grad_scores;
+}
+
+at::Tensor permutation_entropy(const at::Tensor& soft, const c10::optional<at::Tensor>& mask) {
+  at::Tensor out = at::empty({}, soft.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, soft.scalar_type(), "permutation_entropy_cpu", [&] {
+    entropy_forward_kernel<scalar_t>(soft, mask_pointer(mask), out);
+  });
+  return out;
+}
+
+at::Tensor permutation_entropy_backward(const at::Tensor& grad, const at::Tensor& soft,
+                                        const c10::optional<at::Tensor>& mask) {
+  at::Tensor grad_soft = at::empty(soft.sizes(), soft.options());
+  if (grad_soft.numel() == 0) return grad_soft;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, soft.scalar_type(), "permutation_entropy_backward_cpu",
+                                  [&] { entropy_backward_kernel<scalar_t>(grad, soft, mask_pointer(mask), grad_soft); });
+  return grad_soft;
+}
+
+}  // namespace cpu
+}  // namespace lps_fast

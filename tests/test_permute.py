@@ -1,0 +1,185 @@
+"""The permutation family on the compiled CPU kernels agrees with the reference, forward and
+backward: gathers bit for bit, scatter-means within per-dtype tolerances."""
+
+import pytest
+import torch
+from helpers import assert_close, compare_backends, random_perm, random_soft
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lps_fast
+
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
+
+# (B, k, n, feature shape): a realistic case plus awkward ones
+SHAPES = [
+    (2, 3, 5, (4,)),
+    (1, 1, 1, ()),
+    (2, 1, 2, (3,)),
+    (3, 20, 5, (2, 3)),
+    (2, 3, 37, ()),
+    (1, 3, 64, (8,)),
+    (2, 4, 188, (4,)),
+]
+DTYPES = [torch.float32, torch.float64]
+
+
+def shape_id(shape):
+    batch, k, n, features = shape
+    return f"B{batch}-k{k}-n{n}-F{'x'.join(map(str, features)) or 'none'}"
+
+
+def dtype_id(dtype):
+    return {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+
+
+@pytest.mark.parametrize("with_soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_permute_nodes(cpu_backend, shape, dtype, with_soft):
+    batch, k, n, features = shape
+    perm = random_perm(batch, k, n)
+    x = torch.randn(batch, n, *features, dtype=dtype, requires_grad=True)
+    soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
+    compare_backends("permute_nodes", [x, perm, soft], cpu_backend, exact_forward=True)
+
+
+@pytest.mark.parametrize("with_soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_unpermute_mean(cpu_backend, shape, dtype, with_soft):
+    batch, k, n, features = shape
+    perm = random_perm(batch, k, n)
+    y = torch.randn(batch, k, n, *features, dtype=dtype, requires_grad=True)
+    soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
+    compare_backends("unpermute_mean", [y, perm, soft], cpu_backend)
+
+
+EDGE_SHAPES = [s for s in SHAPES if s[2] <= 64] + [(1, 4, 188, (1,))]
+
+
+@pytest.mark.parametrize("with_soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=shape_id)
+def test_permute_edges(cpu_backend, shape, dtype, with_soft):
+    batch, k, n, features = shape
+    perm = random_perm(batch, k, n)
+    e = torch.randn(batch, n, n, *features, dtype=dtype, requires_grad=True)
+    soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
+    compare_backends("permute_edges", [e, perm, soft], cpu_backend, exact_forward=True)
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diagonal"])
+@pytest.mark.parametrize("with_soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=shape_id)
+def test_unpermute_edges_mean(cpu_backend, shape, dtype, with_soft, diagonal):
+    batch, k, n, features = shape
+    perm = random_perm(batch, k, n)
+    y = torch.randn(batch, k, n, n, *features, dtype=dtype, requires_grad=True)
+    soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
+    compare_backends("unpermute_edges_mean", [y, perm, soft, diagonal], cpu_backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_half_precision(cpu_backend, dtype):
+    batch, k, n = 2, 3, 9
+    perm = random_perm(batch, k, n)
+    x = torch.randn(batch, n, 4, dtype=dtype, requires_grad=True)
+    compare_backends("permute_nodes", [x, perm, None], cpu_backend, exact_forward=True)
+    e = torch.randn(batch, n, n, 2, dtype=dtype, requires_grad=True)
+    compare_backends("permute_edges", [e, perm, None], cpu_backend, exact_forward=True)
+    # the reference sums in the half dtype; the kernels accumulate in float32
+    y = torch.randn(batch, k, n, 4, dtype=dtype, requires_grad=True)
+    compare_backends("unpermute_mean", [y, perm, None], cpu_backend)
+    ye = torch.randn(batch, k, n, n, 2, dtype=dtype, requires_grad=True)
+    compare_backends("unpermute_edges_mean", [ye, perm, None, False], cpu_backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool], ids=str)
+def test_gathers_of_non_float_dtypes(cpu_backend, dtype):
+    batch, k, n = 2, 3, 11
+    perm = random_perm(batch, k, n)
+    labels = torch.randint(0, 2 if dtype == torch.bool else 100, (batch, n, 2)).to(dtype)
+    adjacency = torch.randint(0, 2 if dtype == torch.bool else 100, (batch, n, n)).to(dtype)
+    compare_backends("permute_nodes", [labels, perm, None], cpu_backend, exact_forward=True)
+    compare_backends("permute_edges", [adjacency, perm, None], cpu_backend, exact_forward=True)
+
+
+def test_non_contiguous_inputs(cpu_backend):
+    batch, k, n = 3, 4, 13
+    perm = torch.empty(batch, k, n, 2, dtype=torch.long)[..., 0]  # a strided perm
+    perm.copy_(random_perm(batch, k, n))
+    assert not perm.is_contiguous()
+    x = torch.randn(batch, 5, n).transpose(1, 2).requires_grad_()  # (B, n, 5), strided
+    compare_backends("permute_nodes", [x, perm, None], cpu_backend, exact_forward=True)
+    e = torch.randn(batch, n, n, 3).transpose(1, 2).requires_grad_()
+    compare_backends("permute_edges", [e, perm, None], cpu_backend, exact_forward=True)
+    y = torch.randn(batch, n, k, 4).transpose(1, 2).requires_grad_()
+    soft = random_soft(batch, k, n).transpose(-1, -2).requires_grad_()
+    compare_backends("unpermute_mean", [y, perm, soft], cpu_backend)
+    ye = torch.randn(batch, k, n, 2, n).transpose(-1, -2).requires_grad_()
+    compare_backends("unpermute_edges_mean", [ye, perm, None, False], cpu_backend)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0)], ids=["B0", "k0", "n0"])
+def test_zero_size(cpu_backend, shape):
+    batch, k, n = shape
+    perm = random_perm(batch, k, n)
+    with lps_fast.use_backend(cpu_backend):
+        out = lps_fast.permute_nodes(torch.randn(batch, n, 2), perm)
+        assert out.shape == (batch, k, n, 2)
+        assert lps_fast.permute_edges(torch.randn(batch, n, n), perm).shape == (batch, k, n, n)
+        if k > 0:
+            assert lps_fast.unpermute_mean(torch.randn(batch, k, n, 2), perm).shape == (batch, n, 2)
+            out = lps_fast.unpermute_edges_mean(torch.randn(batch, k, n, n), perm, diagonal=True)
+            assert out.shape == (batch, n)
+
+
+def test_kernel_rejects_bad_perm_values(cpu_backend):
+    """The kernels validate perm themselves: also when called through torch.ops directly."""
+    x = torch.randn(2, 4, 3)
+    bad = random_perm(2, 3, 4)
+    bad[1, 2, 3] = 7
+    with pytest.raises(ValueError, match=r"perm\[1, 2\] is not one \(entry 3 is 7, out of range\)"):
+        torch.ops.lps_fast.permute_nodes(x, bad)
+    bad = random_perm(2, 3, 4)
+    bad[0, 1, 0] = bad[0, 1, 2]
+    with pytest.raises(ValueError, match=r"perm\[0, 1\] is not one .*repeated"):
+        torch.ops.lps_fast.unpermute_mean(torch.randn(2, 3, 4, 3), bad)
+    with pytest.raises(ValueError, match="perm must have shape"):
+        torch.ops.lps_fast.permute_edges(torch.randn(2, 4, 4), random_perm(2, 3, 5))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    k=st.integers(1, 5),
+    n=st.integers(1, 24),
+    features=st.lists(st.integers(1, 4), max_size=2),
+    with_soft=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_agreement(cpu_backend, batch, k, n, features, with_soft, seed):
+    torch.manual_seed(seed)
+    perm = random_perm(batch, k, n)
+    f64 = torch.float64
+    soft = random_soft(batch, k, n, dtype=f64).requires_grad_() if with_soft else None
+    x = torch.randn(batch, n, *features, dtype=f64, requires_grad=True)
+    compare_backends("permute_nodes", [x, perm, soft], cpu_backend, exact_forward=True)
+    y = torch.randn(batch, k, n, *features, dtype=f64, requires_grad=True)
+    compare_backends("unpermute_mean", [y, perm, soft], cpu_backend)
+    e = torch.randn(batch, n, n, *features, dtype=f64, requires_grad=True)
+    compare_backends("permute_edges", [e, perm, soft], cpu_backend, exact_forward=True)
+    ye = torch.randn(batch, k, n, n, *features, dtype=f64, requires_grad=True)
+    compare_backends("unpermute_edges_mean", [ye, perm, soft, True], cpu_backend)
+
+
+def test_round_trip_is_identity(cpu_backend):
+    batch, k, n = 4, 6, 30
+    perm = random_perm(batch, k, n)
+    x = torch.randn(batch, n, 7)
+    with lps_fast.use_backend(cpu_backend):
+        assert_close(lps_fast.unpermute_mean(lps_fast.permute_nodes(x, perm), perm), x)
+        e = torch.randn(batch, n, n, 2)
+        assert_close(lps_fast.unpermute_edges_mean(lps_fast.permute_edges(e, perm), perm), e)
