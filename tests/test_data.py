@@ -112,6 +112,7 @@ def test_graph6_file_parsing_and_errors(tmp_path):
     path.write_text(">>graph6<<DQc\n\nBw\nA_\n")
     graphs = data.read_graph6(path)
     assert [len(graph) for graph in graphs] == [5, 3, 2]
+    assert len(data.parse_graph6(">>graph6<<\nBw\n")) == 1  # header on a line of its own
     with pytest.raises(ValueError, match="sparse6"):
         data.decode_graph6(":Fa@x^")
     with pytest.raises(ValueError, match="edge bytes"):

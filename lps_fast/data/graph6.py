@@ -109,6 +109,8 @@ def parse_graph6(text: Union[str, bytes]) -> List[np.ndarray]:
     graphs = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
+        if line.startswith(HEADER):
+            line = line[len(HEADER):]
         if not line:
             continue
         try:
