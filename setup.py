@@ -83,7 +83,7 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     debug = _flag("LPS_FAST_DEBUG_BUILD")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno"]
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
     if not debug and not _flag("LPS_FAST_PORTABLE") and platform.machine() in ("x86_64", "AMD64"):
         # The extension is built on the machine that runs it: use its vector units.
         cxx_flags.append("-march=native")

@@ -1,4 +1,6 @@
-// Small numeric helpers for the CPU kernels, written so that loops calling them vectorize.
+// Small numeric helpers for the CPU kernels, written so that loops calling them vectorize
+// (setup.py compiles with -fno-math-errno -fno-trapping-math, which lets gcc if-convert the
+// clamps and inline floor).
 #pragma once
 
 #include <cmath>

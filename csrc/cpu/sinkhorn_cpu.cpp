@@ -102,8 +102,10 @@ void row_potentials(const acc_t* L0, int64_t m, const acc_t* V, acc_t* U) {
   for (int64_t ii = 0; ii < m; ++ii) {
     const acc_t* row = L0 + ii * m;
     acc_t peak = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : peak)
     for (int64_t r = 0; r < m; ++r) peak = std::max(peak, row[r] - V[r]);
     acc_t total = 0;
+#pragma omp simd reduction(+ : total)
     for (int64_t r = 0; r < m; ++r) total += fast_exp(row[r] - V[r] - peak);
     U[ii] = peak + std::log(total);
   }
@@ -220,6 +222,7 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
       auto fold = [&](int64_t ii, const acc_t* adjoint_row) {
         const acc_t score = s[ii];
         acc_t node_sum = 0;
+#pragma omp simd reduction(+ : node_sum)
         for (int64_t r = 0; r < m; ++r) {
           const acc_t slope = sign(score - t[r]) * inverse_tau * adjoint_row[r];
           node_sum -= slope;
@@ -235,6 +238,7 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
         const acc_t u = work.U[ii];
         const scalar_t* g_row = G + sorted.real_nodes[ii] * n;
         acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
         for (int64_t r = 0; r < m; ++r) {
           const acc_t value = static_cast<acc_t>(g_row[r]) * fast_exp(row[r] - u - work.V[r]);
           weight[r] = value;
@@ -253,6 +257,7 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
           const acc_t* row = L0 + ii * m;
           const acc_t u = U_t[ii];
           acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
           for (int64_t r = 0; r < m; ++r) {
             const acc_t value = adjoint_V[r] * fast_exp(row[r] - u - V_t[r]);
             weight[r] = value;
