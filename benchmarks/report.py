@@ -1,0 +1,120 @@
+"""Turn the result files into the markdown tables of BENCHMARKS.md.
+
+    python benchmarks/report.py                          # print the latest CPU run of every family
+    python benchmarks/report.py --device cuda            # the latest CUDA run
+    python benchmarks/report.py --update BENCHMARKS.md   # rewrite the generated section in place
+
+For each family the latest run (one ``run_id``) on the device is used, so every ratio compares
+numbers taken in the same run. The generated section sits between the markers
+``<!-- results:<device>:begin -->`` and ``<!-- results:<device>:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+try:
+    from . import summary
+except ImportError:  # run as a script
+    import summary
+
+BENCH_DIR = Path(__file__).resolve().parent
+FAMILIES = ("permute", "frame", "sinkhorn", "gram_schmidt")
+
+
+def family_rows(results: Path, device: str) -> dict:
+    out = {}
+    for family in FAMILIES:
+        path = results / f"{family}.jsonl"
+        if path.exists():
+            rows = summary.latest_run(summary.load_rows(path), device)
+            if rows:
+                out[family] = rows
+    return out
+
+
+def describe_run(rows: Sequence[dict]) -> str:
+    first = rows[0]
+    dates = sorted(r["timestamp"] for r in rows)
+    copy = first.get("copy_gbps")
+    text = (f"{first['machine']}, {first['device']} ({first['device_name']}), torch {first['torch']}, "
+            f"{first['threads']} threads, commit {first['commit']}, {dates[0]} to {dates[-1]}")
+    if copy:
+        text += f"; memcpy ceiling {copy:.1f} GB/s"
+    return text
+
+
+def render(results: Path, device: str) -> str:
+    by_family = family_rows(results, device)
+    if not by_family:
+        return f"(no {device} results in {results})"
+    parts: List[str] = []
+    all_rows: List[dict] = []
+    for family, rows in by_family.items():
+        all_rows += rows
+        parts.append(f"### {family}\n")
+        parts.append(f"Run: {describe_run(rows)}.\n")
+        shapes = {}
+        for r in rows:
+            shapes.setdefault((r["case"], r["scale"]), r["shape"])
+        scales = [s for s in summary.SCALES if any(r["scale"] == s for r in rows)]
+        for scale in scales:
+            scale_rows = [r for r in rows if r["scale"] == scale]
+            described = sorted({r["shape"] for r in scale_rows})
+            parts.append(f"**{scale}** ({'; '.join(described)})\n")
+            header, lines = summary.table(scale_rows, with_scale=False)
+            parts.append(summary.markdown(header, lines, textual=2) + "\n")
+        if family == "sinkhorn":
+            header, lines = summary.memory_table(rows)
+            parts.append("Memory (peak MB: allocation peak above the start of the call; saved MB: what autograd "
+                         "keeps for the backward pass beyond inputs and outputs):\n")
+            parts.append(summary.markdown(header, lines, textual=3) + "\n")
+        red = [r for r in rows if r.get("status") == "mismatch"]
+        if red:
+            seen = set()
+            parts.append("Red gates (not timed):\n")
+            for r in red:
+                key = (r["case"], r["scale"], r["provider"])
+                if key not in seen:
+                    seen.add(key)
+                    parts.append(f"- {r['provider']} {r['case']} @ {r['scale']}: {r['error']}")
+            parts.append("")
+    fast = [p for p in summary.FAST_PROVIDERS if any(r["provider"] == p for r in all_rows)]
+    for provider in fast:
+        parts.append(f"### Targets ({provider}, issue 3)\n")
+        lines = [[name, verdict, evidence] for name, verdict, evidence in summary.targets(all_rows, provider)]
+        parts.append(summary.markdown(["target", "verdict", "measured"], lines, textual=3) + "\n")
+    return "\n".join(parts)
+
+
+def update(path: Path, device: str, text: str) -> None:
+    begin, end = f"<!-- results:{device}:begin -->", f"<!-- results:{device}:end -->"
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n\n{text.rstrip()}\n\n{end}{tail}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="folder of <family>.jsonl files")
+    parser.add_argument("--update", default=None, help="markdown file whose generated section to rewrite")
+    args = parser.parse_args(argv)
+    text = render(Path(args.results), args.device)
+    if args.update:
+        update(Path(args.update), args.device, text)
+        print(f"updated {args.update}")
+    else:
+        print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

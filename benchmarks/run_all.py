@@ -1,0 +1,75 @@
+"""Run every benchmark family in one process and print one table at the end.
+
+    python benchmarks/run_all.py                         # CPU, every family, scale and provider
+    python benchmarks/run_all.py --device cuda           # the same on a GPU (triton, cuda providers)
+    python benchmarks/run_all.py --families permute,sinkhorn --scales pattern --modes full
+    python benchmarks/run_all.py --quick                 # a smoke test of every script
+
+Every other option is passed to each ``bench_<family>.py`` (see ``--help`` of any of them).
+Results are appended to ``benchmarks/results/<family>.jsonl``; ``benchmarks/report.py`` turns
+them into the tables of BENCHMARKS.md and ``benchmarks/plot.py`` into charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional, Sequence
+
+try:
+    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, harness, summary
+except ImportError:  # run as a script
+    import bench_frame
+    import bench_gram_schmidt
+    import bench_permute
+    import bench_sinkhorn
+    import harness
+    import summary
+
+FAMILIES = {
+    "permute": bench_permute,
+    "frame": bench_frame,
+    "sinkhorn": bench_sinkhorn,
+    "gram_schmidt": bench_gram_schmidt,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
+    args, rest = parser.parse_known_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    for family in families:
+        if family not in FAMILIES:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    rest = list(rest)
+    # the memcpy ceiling is measured once, under the device and thread settings of the run
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--device", default="cpu")
+    peek.add_argument("--threads", type=int, default=None)
+    peek.add_argument("--quick", action="store_true")
+    known, _ = peek.parse_known_args(rest)
+    copy_gbps = None
+    if not known.quick:
+        import torch
+
+        if known.threads is not None:
+            torch.set_num_threads(known.threads)
+        copy_gbps = harness.measure_copy_gbps(torch.device(known.device))
+    rows: List[dict] = []
+    start = time.perf_counter()
+    for family in families:
+        module = FAMILIES[family]
+        family_start = time.perf_counter()
+        rows += harness.main(module.FAMILY, module.__doc__.splitlines()[0], module.build_cases, rest,
+                             copy_gbps=copy_gbps)
+        print(f"{family}: {time.perf_counter() - family_start:.0f} s\n", flush=True)
+    print(f"\nall families ({time.perf_counter() - start:.0f} s); medians in ms, speedup = time(baseline) / time(fast)")
+    print(summary.format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,138 @@
+"""The benchmark scripts run (``--quick``: tiny shapes, a few repeats) and write well-formed rows,
+so they cannot rot while the kernels change; report.py and the plot data read those rows back.
+
+The scripts run in this process (importing lps_fast once), on CPU, into a temporary folder.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import lps_fast
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_frame  # noqa: E402
+import bench_gram_schmidt  # noqa: E402
+import bench_permute  # noqa: E402
+import bench_sinkhorn  # noqa: E402
+import harness  # noqa: E402
+import plot  # noqa: E402
+import report  # noqa: E402
+import summary  # noqa: E402
+
+SCRIPTS = {
+    "permute": bench_permute,
+    "frame": bench_frame,
+    "sinkhorn": bench_sinkhorn,
+    "gram_schmidt": bench_gram_schmidt,
+}
+ROW_KEYS = {"run_id", "timestamp", "device", "machine", "family", "case", "scale", "shape", "provider", "mode",
+            "status", "median_ms", "p20_ms", "p80_ms"}
+
+
+def _fast_cpu_providers():
+    provider = lps_fast._backend.providers.get("cpp")
+    return ["cpp"] if provider is not None and provider.ops else []
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Every script once with --quick; {family: (rows returned, rows in the file)}."""
+    folder = tmp_path_factory.mktemp("bench")
+    results = {}
+    for family, script in SCRIPTS.items():
+        out = folder / f"{family}.jsonl"
+        rows = script.main(["--quick", "--quiet", "--device", "cpu", "--out", str(out)])
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        results[family] = (rows, written)
+    return folder, results
+
+
+@pytest.mark.parametrize("family", list(SCRIPTS))
+def test_quick_run_writes_rows(quick_results, family, capsys):
+    _, results = quick_results
+    rows, written = results[family]
+    assert rows, "no rows"
+    assert written == rows
+    for row in rows:
+        assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
+        assert row["family"] == family and row["device"] == "cpu"
+        assert row["status"] == "ok", row.get("error")
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["peak_MB"] is not None and row["out_MB"] is not None
+        if row["mode"] != "fwd":
+            assert row["saved_MB"] is not None
+    providers = {r["provider"] for r in rows}
+    assert providers == {"reference", *_fast_cpu_providers()}
+    cases = {r["case"] for r in rows}
+    for case in cases:
+        assert {r["mode"] for r in rows if r["case"] == case} == set(harness.MODES)
+
+
+def test_every_op_is_benchmarked(quick_results):
+    _, results = quick_results
+    benchmarked = {row["op"] for rows, _ in results.values() for row in rows}
+    assert benchmarked == set(lps_fast._ops.OP_NAMES)
+
+
+def test_report_and_plot_data(quick_results):
+    folder, results = quick_results
+    text = report.render(folder, "cpu")
+    for family in SCRIPTS:
+        assert f"### {family}" in text
+    assert "| case | mode |" in text
+    rows = [row for family_rows, _ in results.values() for row in family_rows]
+    names = [name for name, _, _ in summary.targets(rows)]
+    assert "permute_edges forward >= 10x at PATTERN" in names
+    labels, values = plot.series(results["permute"][0], "fwd")
+    assert labels and all(len(v) == len(labels) for v in values.values())
+    assert "permute_edges" in summary.format_table(results["permute"][0])
+
+
+def test_report_updates_marked_section(tmp_path, quick_results):
+    folder, _ = quick_results
+    doc = tmp_path / "BENCH.md"
+    doc.write_text("intro\n<!-- results:cpu:begin -->\nold\n<!-- results:cpu:end -->\noutro\n")
+    report.main(["--results", str(folder), "--update", str(doc)])
+    content = doc.read_text()
+    assert content.startswith("intro\n") and content.endswith("outro\n")
+    assert "old" not in content and "### permute" in content
+
+
+def test_gate_refuses_a_wrong_provider(monkeypatch):
+    """A provider whose output differs from the reference is recorded as a mismatch, not timed."""
+    original = harness.make_runner
+
+    def wrong(provider, op):
+        runner = original(provider, op)
+        if provider != "cpp":
+            return runner
+        return harness.Runner(provider, lambda *args: runner.call(*args) * 1.001, provider)
+
+    monkeypatch.setattr(harness, "make_runner", wrong)
+    if not _fast_cpu_providers():
+        pytest.skip("no CPU kernels")
+    rows = bench_gram_schmidt.main(["--quick", "--quiet", "--out", "none", "--modes", "fwd"])
+    cpp = [r for r in rows if r["provider"] == "cpp"]
+    assert cpp and all(r["status"] == "mismatch" and r["median_ms"] is None for r in cpp)
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "reference")
+
+
+def test_timing_statistics():
+    timing = harness.time_cpu(lambda: sum(range(100)), warmup=1, repeats=5, budget_s=0.01)
+    assert 3 <= timing.repeats <= 5 and timing.inner >= 1
+    assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+@pytest.mark.slow
+def test_compiled_reference_provider():
+    """reference+compile: compiled once outside the timed region, gated, and timed in every mode."""
+    rows = bench_gram_schmidt.main(["--quick", "--quiet", "--out", "none", "--providers", "reference,reference+compile",
+                                    "--cases", "gram_schmidt/proper"])
+    compiled = [r for r in rows if r["provider"] == "reference+compile"]
+    assert {r["mode"] for r in compiled} == set(harness.MODES)
+    assert all(r["status"] == "ok" for r in compiled), [r.get("error") for r in compiled]
