@@ -68,6 +68,7 @@ def _frame_apply_kernel(
     j = sample % k
     r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c.to(tl.int64)  # strided channel offsets may pass 2^31 in large non-contiguous inputs
     r_inside = r < n
     c_inside = c < channels
     if HAS_PERM:
@@ -139,6 +140,7 @@ def _frame_unapply_mean_kernel(
     row_block = pid % row_blocks
     i = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c.to(tl.int64)
     i_inside = i < n
     c_inside = c < channels
     inside = i_inside[:, None] & c_inside[None, :]
@@ -197,6 +199,7 @@ def _frame_unapply_mean_kernel(
 
 
 def _blocks(n: int, channels: int):
+    n, channels = int(n), int(channels)  # block sizes are constexprs: concrete even when traced
     block_c = min(triton.next_power_of_2(max(channels, 1)), 128, TILE_ELEMENTS)
     block_r = min(triton.next_power_of_2(max(n, 1)), max(TILE_ELEMENTS // block_c, 1))
     # Three components (and three accumulators) per element: about 8 elements per thread.

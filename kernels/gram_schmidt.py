@@ -272,7 +272,7 @@ def _launch(kernel, inputs, proper: bool, like: torch.Tensor) -> torch.Tensor:
     matrices = out.numel() // 9
     if matrices == 0 or shapes_only(like, *inputs):
         return out
-    block = min(BLOCK_MATRICES, triton.next_power_of_2(matrices))
+    block = min(BLOCK_MATRICES, triton.next_power_of_2(int(matrices)))
     grid = (triton.cdiv(matrices, block),)
     torch.library.wrap_triton(kernel)[grid](
         *inputs,

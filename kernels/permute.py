@@ -88,7 +88,7 @@ def _permute_kernel(
     sample = pid // row_blocks  # b * k + j
     row_block = pid % row_blocks
     batch = sample // k
-    pid_f = tl.program_id(1)
+    pid_f = tl.program_id(1).to(tl.int64)
     col_block = pid_f % col_blocks
     feature_block = pid_f // col_blocks
 
@@ -158,7 +158,7 @@ def _unpermute_mean_kernel(
     pid = tl.program_id(0).to(tl.int64)
     batch = pid // row_blocks
     row_block = pid % row_blocks
-    pid_f = tl.program_id(1)
+    pid_f = tl.program_id(1).to(tl.int64)
     col_block = pid_f % col_blocks
     feature_block = pid_f // col_blocks
 
@@ -206,6 +206,7 @@ def _product(dims) -> int:
 
 def _blocks(n: int, features: int, edges: bool):
     """``(BLOCK_R, BLOCK_S, BLOCK_F, num_warps)`` for a tile of about ``TILE_ELEMENTS`` elements."""
+    n, features = int(n), int(features)  # block sizes are constexprs: concrete even when traced
     block_f = min(triton.next_power_of_2(max(features, 1)), 256, TILE_ELEMENTS)
     room = max(TILE_ELEMENTS // block_f, 1)
     block_n = triton.next_power_of_2(max(n, 1))
@@ -229,7 +230,7 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inverse = torch.full((batch, k, n), -1, dtype=torch.int32, device=perm.device)
     if inverse.numel() == 0 or shapes_only(perm):
         return inverse
-    block = min(triton.next_power_of_2(n), 1024)
+    block = min(triton.next_power_of_2(int(n)), 1024)
     torch.library.wrap_triton(_inverse_permutation_kernel)[(batch * k, triton.cdiv(n, block))](
         perm, inverse, n, BLOCK=block, num_warps=4 if block >= 512 else 1
     )

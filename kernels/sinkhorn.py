@@ -316,7 +316,9 @@ def _sinkhorn_sort_backward_kernel(
         U = tl.load(u_slots + (n_iter - 1) * n + i, mask=(i < n) & (n_iter > 0), other=0.0)
         soft = tl.where(valid, tl.exp(log_kernel - U[:, None] - V_last[None, :]), 0.0)
         G = tl.load(
-            grad_matrix + (i * grad_stride_i)[:, None] + (r * grad_stride_r)[None, :], mask=valid, other=0.0
+            grad_matrix + (i.to(tl.int64) * grad_stride_i)[:, None] + (r.to(tl.int64) * grad_stride_r)[None, :],
+            mask=valid,
+            other=0.0,
         ).to(ACC)
         d_log = G * soft
         d_scores = d_log * slope
@@ -390,7 +392,8 @@ def _entropy_tile(soft_matrix, mask_ptr, batch, n, i, r, stride_i, stride_r, HAS
     real_i = _real_nodes(mask_ptr, batch, n, i, HAS_MASK)
     real_r = _real_nodes(mask_ptr, batch, n, r, HAS_MASK)
     valid = real_i[:, None] & real_r[None, :]
-    S = tl.load(soft_matrix + (i * stride_i)[:, None] + (r * stride_r)[None, :], mask=valid, other=0.0).to(ACC)
+    offsets = (i.to(tl.int64) * stride_i)[:, None] + (r.to(tl.int64) * stride_r)[None, :]
+    S = tl.load(soft_matrix + offsets, mask=valid, other=0.0).to(ACC)
     clamped = tl.where(valid, tl.maximum(S, tl.full([], ENTROPY_CLAMP, ACC)), 0.0)
     return clamped, valid, S
 
@@ -526,13 +529,14 @@ def _permutation_entropy_backward_kernel(
 def _split(value: float) -> Tuple[float, float]:
     """``value`` as two float32 numbers whose sum keeps about 48 bits: Triton passes Python
     floats as float32, which would cost float64 inputs half their precision in ``1 / tau``."""
+    value = float(value)  # a traced SymFloat specializes here
     high = struct.unpack("f", struct.pack("f", value))[0]
     return high, value - high
 
 
 def _tile(n: int, elements: int):
     """``(BLOCK_I, BLOCK_N, num_warps)``: full-width row tiles of about ``elements`` entries."""
-    block_n = triton.next_power_of_2(max(n, 1))
+    block_n = triton.next_power_of_2(max(int(n), 1))
     block_i = max(1, min(block_n, elements // block_n))
     # About 16 tile entries per thread and live temporary.
     num_warps = min(max(block_i * block_n // 512, 1), 8)

@@ -464,6 +464,16 @@ def test_sinkhorn_sort_ties_and_sharp_temperature():
     _check_sinkhorn(_floats(2, 3, 5, dtype=torch.float64), 0.005, 5, _mask(2, 5, "masked"))
 
 
+def test_sinkhorn_sort_and_entropy_of_a_graph_without_real_nodes():
+    """A batch element whose mask is all False: soft all 0, zero gradient, and the entropy
+    counts it as 0 (the reference's ``n_real`` clamp to 1)."""
+    scores = _floats(2, 2, 4, dtype=torch.float32)
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False]], device=DEVICE)
+    (soft, _), grads = _check("sinkhorn_sort", dict(scores=scores, tau=0.3, n_iter=3, mask=mask), ("scores",))
+    assert soft[1].abs().sum() == 0 and grads["scores"][1].abs().sum() == 0
+    _check("permutation_entropy", dict(soft=soft.detach(), mask=mask), ("soft",))
+
+
 ENTROPY_CASES = [(n, k, torch.float32) for n in (1, 2, 5, 12) for k in (1, 3)] + [
     (5, 3, dtype) for dtype in (torch.float64, torch.float16, torch.bfloat16)
 ]
@@ -562,8 +572,10 @@ def _opcheck_cases():
     ]
 
 
-# Under the interpreter, test_aot_dispatch_dynamic (AOTAutograd with dynamic shapes) re-traces
-# every op through its kernels several times and costs minutes; it runs on a GPU only.
+# test_aot_dispatch_dynamic runs on a GPU only: AOTAutograd decomposes a triton_op into its
+# kernel launches under functionalization, and under TRITON_INTERPRET=1 torch's wrap_triton hands
+# back the interpreted kernel, which cannot run on functional tensors (torch.compile of these ops
+# is likewise GPU-only).
 OPCHECK_UTILS = (
     ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if ON_GPU
