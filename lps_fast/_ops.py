@@ -192,6 +192,12 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
 
 
+def _sum_in_float32(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum with at least float32 accumulation: half-precision partial sums lose digits with n."""
+    accumulate = torch.promote_types(t.dtype, torch.float32)
+    return t.sum(dim=dim, dtype=accumulate).to(t.dtype)
+
+
 def _needs_grad(ctx, count: int) -> tuple:
     """``ctx.needs_input_grad`` padded to ``count``: the dispatcher drops trailing arguments that
     equal their defaults (``soft=None``), and those never need a gradient."""
@@ -318,7 +324,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
             # rotate-back-and-scatter of frame_unapply_mean, summed instead of averaged.
             grad_x = ops.frame_unapply_mean(grad, R, perm, None, None) * ctx.k
             if needs_center:
-                grad_center = -grad_x.sum(dim=1)
+                grad_center = -_sum_in_float32(grad_x, dim=1)
             if not needs_x:
                 grad_x = None
         if needs_R or needs_soft:
@@ -358,7 +364,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
             else:
                 grad_R = torch.einsum("bjrac,bjrmc->bjam", ops.permute_nodes(scaled, perm, None), y)
         if needs_center:
-            grad_center = grad.sum(dim=1)
+            grad_center = _sum_in_float32(grad, dim=1)
         if needs_soft:
             rotated = torch.einsum("bjam,bjrmc->bjrac", R, y)  # R_j y[j, r]
             grad_soft = _node_soft_grad(scaled, rotated).to(ctx.soft_dtype)
