@@ -46,3 +46,9 @@ __all__ = [
     "set_perm_check",
     "check_perm_values",
 ]
+
+# The model level: groups, distributions over group elements, backbones and the symmetrizer.
+from . import backbones, distributions, groups, nn, testing  # noqa: E402
+from .symmetrize import Symmetrize  # noqa: E402
+
+__all__ += ["Symmetrize", "groups", "distributions", "backbones", "nn", "testing"]

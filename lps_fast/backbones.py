@@ -1,0 +1,322 @@
+"""Backbones to symmetrize: plain networks that know nothing of the group.
+
+Each takes the dict of views that :class:`lps_fast.Symmetrize` passes (``nodes (N, n, *F)``,
+``edges (N, n, n, *F)``, ``points (N, n, 3, C)``, ``mask (N, n)``, with ``N = B * k``) and
+returns ``(N, out_dim)`` for ``output="invariant"``, ``(N, n, out_dim)`` for ``"node"``,
+``(N, n, n, out_dim)`` for ``"edge"`` and ``(N, n, 3, out_dim)`` for ``"vector"``. Padded nodes
+(mask False) are zeroed on the way in; a graph gives the same output alone or padded in a batch.
+
+* :class:`MLP`: an MLP on the flattened (permuted) node features and adjacency, padded to
+  ``max_nodes`` (the graph-separation models of the paper).
+* :class:`GINID`: a GIN whose nodes carry their position as a one-hot identifier (GIN-ID);
+  with ``identifiers=False`` (or :class:`GIN`) it is a plain, 1-WL-bounded GIN.
+* :class:`Transformer`: a transformer encoder whose tokens are the nodes (particles), with a
+  learned embedding of each token's position.
+* :class:`ViT`: a timm Vision Transformer reading the permuted ``n x n x C`` adjacency image
+  (node features on the diagonal, padded to the ViT grid), optionally initialised from a local
+  checkpoint file, with a projection of the patch tokens back to an ``n x n`` output (use the
+  ``diagonal`` output kind of ``Symmetrize`` for node-level outputs) or a pooled output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .nn import DenseGIN, make_mlp
+
+_OUTPUTS = ("invariant", "node", "edge", "vector")
+
+
+def _check_output(output: str, allowed: Sequence[str], owner: str) -> str:
+    if output not in allowed:
+        raise ValueError(f"{owner} output must be one of {tuple(allowed)}, got {output!r}")
+    return output
+
+
+def _mask(views: Dict[str, torch.Tensor]) -> torch.Tensor:
+    return views["mask"]
+
+
+def _pad_nodes(x: torch.Tensor, max_nodes: int, dims: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the node dims ``dims`` of ``x`` up to ``max_nodes``."""
+    for dim in dims:
+        n = x.shape[dim]
+        if n > max_nodes:
+            raise ValueError(f"graph has {n} nodes, more than max_nodes={max_nodes}")
+        if n < max_nodes:
+            shape = list(x.shape)
+            shape[dim] = max_nodes - n
+            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    return x
+
+
+def _masked_nodes(views, mask, node_dim: int, point_channels: int) -> Optional[torch.Tensor]:
+    """The node features (``node_dim`` of them) and points (``point_channels``) a backbone was
+    built for, flattened to ``(N, n, F)`` and zero on padded nodes."""
+    parts = []
+    n_graphs, n = mask.shape
+    for key, size in (("nodes", node_dim), ("points", 3 * point_channels)):
+        if size == 0:
+            continue
+        if views.get(key) is None:
+            raise ValueError(f"the backbone was built for {key!r} inputs, which are missing")
+        value = views[key].reshape(n_graphs, n, -1)
+        if value.shape[-1] != size:
+            raise ValueError(f"the backbone expects {size} features per node in {key!r}, got {value.shape[-1]}")
+        parts.append(value)
+    if not parts:
+        return None
+    return torch.cat(parts, dim=-1) * mask[..., None].to(parts[0].dtype)
+
+
+def _masked_edges(views, mask, edge_dim: int) -> Optional[torch.Tensor]:
+    """Edges with one channel dim ``(N, n, n, C)``, zero on pairs touching a padded node."""
+    if edge_dim == 0:
+        return None
+    edges = views.get("edges")
+    if edges is None:
+        raise ValueError("the backbone was built for 'edges' inputs, which are missing")
+    n_graphs, n = mask.shape
+    edges = edges.reshape(n_graphs, n, n, -1)
+    if edges.shape[-1] != edge_dim:
+        raise ValueError(f"the backbone expects {edge_dim} edge channels, got {edges.shape[-1]}")
+    pairs = (mask[:, :, None] & mask[:, None, :])[..., None]
+    return edges * pairs.to(edges.dtype)
+
+
+class MLP(nn.Module):
+    """An MLP on ``[flatten(nodes), flatten(points), flatten(adjacency), mask]`` padded to ``max_nodes``.
+
+    Args:
+        max_nodes: the largest graph (inputs are zero-padded to it).
+        node_dim, edge_dim, point_channels: input sizes (per node, per edge, 3-vectors per node).
+        hidden: hidden widths; ``activation``: ``nn.ReLU`` by default (the paper's EXP model).
+        out_dim: output features; ``output``: ``invariant``, ``node``, ``edge`` or ``vector``.
+    """
+
+    def __init__(self, max_nodes: int, node_dim: int = 0, edge_dim: int = 0, point_channels: int = 0,
+                 hidden: Sequence[int] = (256, 256), out_dim: int = 1, output: str = "invariant",
+                 activation=nn.ReLU):
+        super().__init__()
+        self.max_nodes, self.out_dim = max_nodes, out_dim
+        self.output = _check_output(output, _OUTPUTS, "MLP")
+        self.node_dim, self.point_channels, self.edge_dim = node_dim, point_channels, edge_dim
+        self.node_inputs = node_dim + 3 * point_channels
+        in_dim = max_nodes * (self.node_inputs + 1) + max_nodes * max_nodes * edge_dim
+        per_node = {"invariant": 1, "node": max_nodes, "edge": max_nodes * max_nodes, "vector": max_nodes * 3}[output]
+        self.net = make_mlp(in_dim, list(hidden), per_node * out_dim, activation=activation)
+
+    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        dtype = self.net[0].weight.dtype
+        parts = [_pad_nodes(mask.to(dtype), self.max_nodes, (1,))]
+        nodes = _masked_nodes(views, mask, self.node_dim, self.point_channels)
+        if self.node_inputs:
+            parts.append(_pad_nodes(nodes, self.max_nodes, (1,)).flatten(1))
+        edges = _masked_edges(views, mask, self.edge_dim)
+        if self.edge_dim:
+            parts.append(_pad_nodes(edges, self.max_nodes, (1, 2)).flatten(1))
+        y = self.net(torch.cat(parts, dim=1))
+        m = self.max_nodes
+        real = mask.to(y.dtype)
+        if self.output == "invariant":
+            return y
+        if self.output == "node":
+            return y.reshape(n_graphs, m, self.out_dim)[:, :n] * real[..., None]
+        if self.output == "edge":
+            pairs = real[:, :, None] * real[:, None, :]
+            return y.reshape(n_graphs, m, m, self.out_dim)[:, :n, :n] * pairs[..., None]
+        return y.reshape(n_graphs, m, 3, self.out_dim)[:, :n] * real[..., None, None]
+
+
+class GINID(nn.Module):
+    """GIN with node identifiers: each node's input includes the one-hot of its position.
+
+    Args:
+        max_nodes: size of the identifier one-hot (the largest graph).
+        node_dim, edge_dim, point_channels: input sizes.
+        hidden, layers: GIN width and depth (paper: 64, 3).
+        out_dim; output: ``invariant`` (sum pooling over real nodes, then an MLP) or ``node``.
+        identifiers: False gives a plain GIN, bounded by 1-WL.
+    """
+
+    def __init__(self, max_nodes: int, node_dim: int = 0, edge_dim: int = 1, point_channels: int = 0,
+                 hidden: int = 64, layers: int = 3, out_dim: int = 1, output: str = "invariant",
+                 identifiers: bool = True):
+        super().__init__()
+        self.max_nodes, self.identifiers = max_nodes, identifiers
+        self.output = _check_output(output, ("invariant", "node"), "GINID")
+        self.node_dim, self.point_channels, self.edge_dim = node_dim, point_channels, edge_dim
+        self.node_inputs = node_dim + 3 * point_channels
+        in_dim = self.node_inputs + (max_nodes if identifiers else 0)
+        self.gin = DenseGIN(in_dim, edge_dim, hidden, layers, hidden)
+        self.head = make_mlp(hidden, [hidden], out_dim)
+
+    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        dtype = self.head[0].weight.dtype
+        parts = []
+        nodes = _masked_nodes(views, mask, self.node_dim, self.point_channels)
+        if self.node_inputs:
+            parts.append(nodes)
+        if self.identifiers:
+            if n > self.max_nodes:
+                raise ValueError(f"graph has {n} nodes, more than max_nodes={self.max_nodes}")
+            ids = torch.eye(n, self.max_nodes, dtype=dtype, device=mask.device).expand(n_graphs, n, self.max_nodes)
+            parts.append(ids * mask[..., None].to(dtype))
+        x = torch.cat(parts, dim=-1) if parts else None
+        h = self.gin(x, _masked_edges(views, mask, self.edge_dim), mask, leading=(n_graphs, n))
+        if self.output == "invariant":
+            return self.head(h.sum(dim=1))
+        return self.head(h) * mask[..., None].to(dtype)
+
+
+class GIN(GINID):
+    """A plain GIN (no identifiers): permutation-equivariant on its own, bounded by 1-WL."""
+
+    def __init__(self, max_nodes: int, **kwargs):
+        kwargs.setdefault("identifiers", False)
+        super().__init__(max_nodes, **kwargs)
+
+
+class Transformer(nn.Module):
+    """A transformer encoder over nodes (particles) as tokens, with learned position embeddings.
+
+    Token ``i`` reads ``[nodes_i, points_i (flattened), edges_i,: (the row of the edge tensor,
+    padded to max_nodes)]``. Pre-norm encoder layers with GELU; padded tokens are masked out of
+    attention.
+
+    Args:
+        max_nodes: number of position embeddings (and the padded edge-row length).
+        node_dim, edge_dim, point_channels: input sizes.
+        d_model, heads, layers, dim_feedforward, dropout: encoder sizes (paper n-body: 64, 4, 8,
+            64, 0).
+        out_dim; output: ``node``, ``vector`` (``(n, 3, out_dim)``) or ``invariant`` (mean over
+            real tokens).
+    """
+
+    def __init__(self, max_nodes: int, node_dim: int = 0, edge_dim: int = 0, point_channels: int = 0,
+                 d_model: int = 64, heads: int = 4, layers: int = 4, dim_feedforward: Optional[int] = None,
+                 dropout: float = 0.0, out_dim: int = 1, output: str = "node"):
+        super().__init__()
+        self.max_nodes, self.out_dim = max_nodes, out_dim
+        self.output = _check_output(output, ("node", "vector", "invariant"), "Transformer")
+        self.node_dim, self.point_channels, self.edge_dim = node_dim, point_channels, edge_dim
+        self.node_inputs = node_dim + 3 * point_channels
+        token_dim = self.node_inputs + max_nodes * edge_dim + 1
+        self.embed = nn.Linear(token_dim, d_model)
+        self.positions = nn.Parameter(torch.randn(max_nodes, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward or d_model, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        per_token = out_dim * (3 if output == "vector" else 1)
+        self.head = make_mlp(d_model, [d_model], per_token)
+
+    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        if n > self.max_nodes:
+            raise ValueError(f"graph has {n} nodes, more than max_nodes={self.max_nodes}")
+        dtype = self.embed.weight.dtype
+        parts = [mask[..., None].to(dtype)]
+        nodes = _masked_nodes(views, mask, self.node_dim, self.point_channels)
+        if self.node_inputs:
+            parts.append(nodes)
+        edges = _masked_edges(views, mask, self.edge_dim)
+        if self.edge_dim:
+            parts.append(_pad_nodes(edges, self.max_nodes, (2,)).flatten(2))
+        tokens = self.embed(torch.cat(parts, dim=-1)) + self.positions[:n]
+        hidden = self.encoder(tokens, src_key_padding_mask=~mask)
+        if self.output == "invariant":
+            weights = mask[..., None].to(dtype)
+            return self.head((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+        y = self.head(hidden) * mask[..., None].to(dtype)
+        return y.reshape(n_graphs, n, 3, self.out_dim) if self.output == "vector" else y
+
+
+class ViT(nn.Module):
+    """A timm Vision Transformer on the permuted adjacency image.
+
+    The image has ``edge_dim + node_dim + 1`` channels: the edge tensor, the node features on
+    the diagonal, and a channel marking real node pairs; it is zero-padded to ``img_size``.
+    The patch embedding is built for that many channels (pretrained 3-channel weights are
+    adapted by timm).
+
+    Args:
+        max_nodes: the largest graph.
+        node_dim, edge_dim: input sizes.
+        out_dim; output: ``edge`` (a linear map of each patch token to its ``patch x patch``
+            pixels, cropped to ``n x n``) or ``invariant`` (the pooled token).
+        model_name: a timm ViT name (e.g. ``vit_tiny_patch16_224``, ``vit_base_patch16_224``).
+        checkpoint: path of a local weights file for ``model_name`` (no download happens).
+        img_size: image side (default: ``max_nodes`` rounded up to the patch size).
+        **timm_kwargs: passed to ``timm.create_model`` (``patch_size``, ``depth``,
+            ``embed_dim``, ``num_heads``, ``drop_rate``, ...).
+    """
+
+    def __init__(self, max_nodes: int, node_dim: int = 0, edge_dim: int = 1, out_dim: int = 1,
+                 output: str = "edge", model_name: str = "vit_tiny_patch16_224", checkpoint: Optional[str] = None,
+                 img_size: Optional[int] = None, **timm_kwargs):
+        super().__init__()
+        try:
+            import timm
+        except ImportError as exc:  # pragma: no cover - timm is an optional dependency
+            raise ImportError("the ViT backbone needs timm: pip install 'lps_fast[vit]'") from exc
+        self.max_nodes, self.node_dim, self.edge_dim, self.out_dim = max_nodes, node_dim, edge_dim, out_dim
+        self.output = _check_output(output, ("edge", "invariant"), "ViT")
+        self.in_chans = edge_dim + node_dim + 1
+        patch = timm_kwargs.get("patch_size")
+        if patch is None:
+            patch = timm.create_model(model_name, pretrained=False, num_classes=0).patch_embed.patch_size[0]
+        self.patch = int(patch)
+        self.img_size = int(img_size or self.patch * math.ceil(max_nodes / self.patch))
+        if self.img_size < max_nodes:
+            raise ValueError(f"img_size={self.img_size} is smaller than max_nodes={max_nodes}")
+        create_kwargs = dict(timm_kwargs, in_chans=self.in_chans, num_classes=0, img_size=self.img_size)
+        if checkpoint is not None:
+            create_kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
+        self.vit = timm.create_model(model_name, pretrained=checkpoint is not None, **create_kwargs)
+        width = self.vit.num_features
+        self.head = (nn.Linear(width, self.patch * self.patch * out_dim) if output == "edge"
+                     else nn.Linear(width, out_dim))
+
+    def image(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``(N, C, img, img)`` input image of a dict of views."""
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        dtype = self.head.weight.dtype
+        pairs = (mask[:, :, None] & mask[:, None, :]).to(dtype)[..., None]
+        channels = []
+        edges = _masked_edges(views, mask, self.edge_dim)
+        if self.edge_dim:
+            channels.append(edges)
+        if self.node_dim:
+            nodes = _masked_nodes(views, mask, self.node_dim, 0)
+            channels.append(torch.diag_embed(nodes.transpose(1, 2)).permute(0, 2, 3, 1))
+        channels.append(pairs)
+        image = torch.cat(channels, dim=-1)  # [N, n, n, C]
+        image = _pad_nodes(image, self.img_size, (1, 2))
+        return image.permute(0, 3, 1, 2)
+
+    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        features = self.vit.forward_features(self.image(views))  # [N, prefix + grid^2, D]
+        if self.output == "invariant":
+            return self.head(self.vit.forward_head(features, pre_logits=True))
+        grid = self.img_size // self.patch
+        tokens = features[:, self.vit.num_prefix_tokens:]
+        pixels = self.head(tokens).reshape(n_graphs, grid, grid, self.patch, self.patch, self.out_dim)
+        image = pixels.permute(0, 1, 3, 2, 4, 5).reshape(n_graphs, self.img_size, self.img_size, self.out_dim)
+        pairs = (mask[:, :, None] & mask[:, None, :])[..., None]
+        return image[:, :n, :n] * pairs.to(image.dtype)
+
+
+__all__ = ["MLP", "GINID", "GIN", "Transformer", "ViT"]

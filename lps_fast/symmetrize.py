@@ -1,0 +1,192 @@
+"""``Symmetrize``: wrap any backbone so it becomes equivariant by probabilistic symmetrization.
+
+    phi(x) = (1/k) sum_j g_j . f(g_j^-1 . x),   g_j ~ p(g | x)
+
+Example (graph classification with a learned S_n distribution around a plain MLP)::
+
+    import lps_fast
+    from lps_fast import backbones, distributions, groups
+
+    model = lps_fast.Symmetrize(
+        backbone=backbones.MLP(max_nodes=64, node_dim=2, edge_dim=1, hidden=(256, 256), out_dim=1),
+        group=groups.Sn(),
+        distribution=distributions.Learned(node_dim=2, edge_dim=1),
+        n_samples=10,
+        output="invariant",
+    )
+    out, aux = model({"nodes": x, "edges": adjacency, "mask": mask})  # out: (B, 1)
+    loss = criterion(out, y) + sum(aux.values())                      # aux: {"entropy": ...}
+
+The backbone is called once per forward pass on all ``B * k`` transformed inputs, as a dict with
+the keys of the inputs (``nodes (B*k, n, *F)``, ``edges (B*k, n, n, *F)``, ``points
+(B*k, n, 3, C)``, ``globals (B*k, *F)``) plus ``mask (B*k, n)``; it returns a tensor whose
+leading dim is ``B*k`` (or a dict of them when ``output`` is a dict).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _backend
+from .distributions import Distribution, Identity
+from .groups import OUTPUT_KINDS, Group, GroupSample, Inputs, parse
+
+Output = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+class Symmetrize(nn.Module):
+    """Make ``backbone`` equivariant to ``group`` by averaging over samples of ``distribution``.
+
+    Args:
+        backbone: any ``nn.Module`` taking the dict of views described in the module docstring.
+        group: a :mod:`lps_fast.groups` group (or its name, e.g. ``"SnxO3"``).
+        distribution: a :mod:`lps_fast.distributions` distribution (None: no symmetrization).
+        n_samples: samples per input in training mode (``k``).
+        eval_n_samples: samples per input in eval mode (default ``n_samples``).
+        output: the output kind, or a dict ``{name: kind}`` when the backbone returns a dict;
+            kinds: ``invariant``, ``node``, ``edge``, ``diagonal``, ``vector``, ``position``.
+        backend: ``"fast"`` (the fastest kernels built) or ``"reference"`` (the pure-PyTorch
+            specification), or a provider name accepted by ``lps_fast.use_backend``.
+
+    ``forward(inputs, noise=None)`` returns ``(output, aux_losses)``. ``noise`` (a dict, see
+    :meth:`draw_noise`) fixes every random draw, so that
+    ``model(g . x, noise=g . eps) == g . model(x, noise=eps)`` holds exactly.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        group: Union[Group, str],
+        distribution: Optional[Distribution] = None,
+        n_samples: int = 10,
+        eval_n_samples: Optional[int] = None,
+        output: Union[str, Mapping[str, str]] = "invariant",
+        backend: str = "fast",
+    ):
+        super().__init__()
+        self.group = parse(group) if isinstance(group, str) else group
+        if not isinstance(self.group, Group):
+            raise TypeError(f"group must be a lps_fast.groups.Group or its name, got {type(group).__name__}")
+        distribution = Identity() if distribution is None else distribution
+        if not isinstance(distribution, Distribution):
+            raise TypeError(f"distribution must be a lps_fast.distributions.Distribution, got {type(distribution).__name__}")
+        self.backbone = backbone
+        self.distribution = distribution.bind(self.group)
+        if n_samples < 1 or (eval_n_samples is not None and eval_n_samples < 1):
+            raise ValueError("n_samples and eval_n_samples must be >= 1")
+        self.n_samples = int(n_samples)
+        self.eval_n_samples = int(eval_n_samples if eval_n_samples is not None else n_samples)
+        kinds = [output] if isinstance(output, str) else list(output.values())
+        for kind in kinds:
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(f"output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+        self.output = output if isinstance(output, str) else dict(output)
+        if backend != "fast" and backend not in _backend.PROVIDERS:
+            raise ValueError(f"backend must be 'fast' or one of {_backend.PROVIDERS}, got {backend!r}")
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return (f"group={self.group!r}, n_samples={self.n_samples}, eval_n_samples={self.eval_n_samples}, "
+                f"output={self.output!r}, backend={self.backend!r}")
+
+    # -- samples and noise -------------------------------------------------------------------
+
+    def num_samples(self, n_samples: Optional[int] = None) -> int:
+        """``k`` for the current mode (training: ``n_samples``, eval: ``eval_n_samples``)."""
+        requested = n_samples if n_samples is not None else (self.n_samples if self.training else self.eval_n_samples)
+        return self.distribution.num_samples(requested)
+
+    def _dtype(self) -> torch.dtype:
+        for tensor in self.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    def _inputs(self, inputs) -> Inputs:
+        batch = Inputs.from_dict(inputs, dtype=self._dtype())
+        self.group.check_inputs(batch)
+        return batch
+
+    def noise_spec(self, inputs, n_samples: Optional[int] = None):
+        """``{name: NoiseSpec}``: the shape, law and group kind of every random draw."""
+        batch = self._inputs(inputs)
+        return self.distribution.noise_spec(batch, self.num_samples(n_samples))
+
+    def draw_noise(self, inputs, n_samples: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Draw every random tensor a forward pass needs (``{name: (B, k, ...)}``)."""
+        batch = self._inputs(inputs)
+        return self.distribution.draw_noise(batch, self.num_samples(n_samples), generator)
+
+    def _backend_context(self):
+        if self.backend == "fast":
+            return contextlib.nullcontext()
+        from ._backend import use_backend
+
+        return use_backend(self.backend)
+
+    def sample(self, inputs, noise: Optional[Dict[str, torch.Tensor]] = None,
+               n_samples: Optional[int] = None) -> Tuple[GroupSample, Dict[str, torch.Tensor]]:
+        """The group samples (and auxiliary losses) a forward pass would use."""
+        batch = self._inputs(inputs)
+        k = self._resolve_k(batch, noise, n_samples)
+        if noise is None:
+            noise = self.distribution.draw_noise(batch, k)
+        with self._backend_context():
+            return self.distribution(batch, noise, k)
+
+    def _resolve_k(self, batch: Inputs, noise, n_samples) -> int:
+        if noise:
+            sizes = {int(value.shape[1]) for value in noise.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"all noise tensors must share the sample dim k (dim 1), got {sorted(sizes)}")
+            return self.distribution.num_samples(sizes.pop())
+        return self.num_samples(n_samples)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, inputs, noise: Optional[Dict[str, torch.Tensor]] = None,
+                n_samples: Optional[int] = None) -> Tuple[Output, Dict[str, torch.Tensor]]:
+        """Symmetrized output and auxiliary losses.
+
+        Args:
+            inputs: dict with ``nodes``, ``edges``, ``points``, ``globals``, ``mask`` (see
+                :mod:`lps_fast.groups`).
+            noise: every random draw (from :meth:`draw_noise`); drawn here when None.
+            n_samples: override ``k`` for this call.
+        """
+        batch = self._inputs(inputs)
+        k = self._resolve_k(batch, noise, n_samples)
+        if noise is None:
+            noise = self.distribution.draw_noise(batch, k)
+        with self._backend_context():
+            sample, aux = self.distribution(batch, noise, k)
+            views = self.group.transform_inputs(sample, batch)
+            flat = {name: view.reshape(batch.batch * k, *view.shape[2:]) for name, view in views.items()}
+            result = self.backbone(flat)
+            if isinstance(self.output, str):
+                output = self._unflatten_and_average(result, self.output, sample, batch, k, "output")
+            else:
+                if not isinstance(result, Mapping):
+                    raise TypeError(f"output declares {sorted(self.output)}: the backbone must return a dict")
+                missing = sorted(set(self.output) - set(result))
+                if missing:
+                    raise ValueError(f"the backbone returned no {missing}")
+                output = {name: self._unflatten_and_average(result[name], kind, sample, batch, k, name)
+                          for name, kind in self.output.items()}
+        return output, aux
+
+    def _unflatten_and_average(self, y: torch.Tensor, kind: str, sample: GroupSample, batch: Inputs,
+                               k: int, name: str) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != batch.batch * k:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"backbone {name} must have leading dim B*k = {batch.batch * k}, got {shape}")
+        y = y.reshape(batch.batch, k, *y.shape[1:])
+        return self.group.transform_output(sample, y, kind, batch.mask)
+
+
+__all__ = ["Symmetrize"]
