@@ -53,10 +53,11 @@ def mask(batch: int, n: int, generator: torch.Generator, device) -> torch.Tensor
 def frames(batch: int, k: int, generator: torch.Generator, device, dtype, max_cond: float = 30.0) -> torch.Tensor:
     """(B, k, 3, 3) Gaussian vectors away from degeneracy, as the tests draw them: Gram-Schmidt's
     gradient amplifies rounding by about cond(V)^2, so near-singular draws would compare float32
-    rounding noise. Draws with cond > max_cond are replaced by identity + 0.3 * noise."""
+    rounding noise. Draws with cond > max_cond are redrawn as identity + 0.3 * noise."""
     V = torch.randn(batch, k, 3, 3, generator=generator, dtype=torch.float64)
     bad = torch.linalg.cond(V) > max_cond
-    count = int(bad.sum())
-    if count:
+    while bool(bad.any()):
+        count = int(bad.sum())
         V[bad] = torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(count, 3, 3, generator=generator, dtype=torch.float64)
+        bad = torch.linalg.cond(V) > max_cond
     return V.to(device=device, dtype=dtype)

@@ -44,6 +44,9 @@ def describe_run(rows: Sequence[dict]) -> str:
             f"{first['threads']} threads, commit {first['commit']}, {dates[0]} to {dates[-1]}")
     if copy:
         text += f"; memcpy ceiling {copy:.1f} GB/s"
+    loads = [r["load_avg_1min"] for r in rows if r.get("load_avg_1min") is not None]
+    if loads:
+        text += f"; 1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run"
     return text
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 try:
@@ -38,7 +39,11 @@ FAMILIES = {
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
+    parser.add_argument("--results", default=None,
+                        help="folder for the <family>.jsonl files (default benchmarks/results; none with --quick)")
     args, rest = parser.parse_known_args(argv)
+    if any(a == "--out" or a.startswith("--out=") for a in rest):
+        raise SystemExit("run_all.py writes one file per family: use --results FOLDER instead of --out")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for family in families:
         if family not in FAMILIES:
@@ -62,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for family in families:
         module = FAMILIES[family]
         family_start = time.perf_counter()
-        rows += harness.main(module.FAMILY, module.__doc__.splitlines()[0], module.build_cases, rest,
+        out = [] if args.results is None else ["--out", str(Path(args.results) / f"{module.FAMILY}.jsonl")]
+        rows += harness.main(module.FAMILY, module.__doc__.splitlines()[0], module.build_cases, rest + out,
                              copy_gbps=copy_gbps)
         print(f"{family}: {time.perf_counter() - family_start:.0f} s\n", flush=True)
     print(f"\nall families ({time.perf_counter() - start:.0f} s); medians in ms, speedup = time(baseline) / time(fast)")

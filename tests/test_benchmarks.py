@@ -63,9 +63,10 @@ def test_quick_run_writes_rows(quick_results, family, capsys):
         assert row["family"] == family and row["device"] == "cpu"
         assert row["status"] == "ok", row.get("error")
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-        assert row["peak_MB"] is not None and row["out_MB"] is not None
-        if row["mode"] != "fwd":
-            assert row["saved_MB"] is not None
+        if row["mode"] in ("fwd", "full"):
+            assert row["peak_MB"] >= 0
+        if row["mode"] == "full":
+            assert row["saved_MB"] >= 0 and row["out_MB"] > 0
     providers = {r["provider"] for r in rows}
     assert providers == {"reference", *_fast_cpu_providers()}
     cases = {r["case"] for r in rows}
