@@ -5,7 +5,7 @@
 
 Each chart has one panel per mode (fwd, bwd, full); a group of bars per (case, scale); one bar
 per (fast provider, baseline): time(baseline) / time(fast), on a log axis with a line at 1x.
-Needs matplotlib (not part of requirements.txt: ``pip install matplotlib``).
+Needs matplotlib (pinned in requirements.txt).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def plot_family(rows: Sequence[dict], family: str, path: Path) -> None:
 
     modes = [m for m in summary.MODES if any(r["mode"] == m for r in rows)]
     count = max(len(series(rows, m)[0]) for m in modes)
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8.0, 0.45 * count + 2), 3.2 * len(modes)), squeeze=False)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8.0, 0.45 * count + 2), 4.5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         labels, values = series(rows, mode)
         width = 0.8 / max(1, len(values))
@@ -65,7 +65,7 @@ def plot_family(rows: Sequence[dict], family: str, path: Path) -> None:
                  fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("benchmarks/plot.py needs matplotlib, which is not installed here "
-                         "(pip install matplotlib); report.py gives the same numbers as tables")
+                         "(it is in requirements.txt); report.py gives the same numbers as tables")
     results = Path(args.results)
     outdir = Path(args.outdir) if args.outdir else results
     written = []

@@ -137,3 +137,11 @@ def test_compiled_reference_provider():
     compiled = [r for r in rows if r["provider"] == "reference+compile"]
     assert {r["mode"] for r in compiled} == set(harness.MODES)
     assert all(r["status"] == "ok" for r in compiled), [r.get("error") for r in compiled]
+
+
+def test_plot_writes_png(quick_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder, _ = quick_results
+    written = plot.main(["--results", str(folder), "--outdir", str(tmp_path)])
+    assert {p.name for p in written} == {f"{family}-cpu.png" for family in SCRIPTS}
+    assert all(p.stat().st_size > 0 for p in written)
