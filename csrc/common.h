@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace lps_fast {
 
@@ -14,6 +15,33 @@ inline int64_t feature_size(const at::Tensor& t, int64_t first_feature_dim) {
   int64_t size = 1;
   for (int64_t d = first_feature_dim; d < t.dim(); ++d) size *= t.size(d);
   return size;
+}
+
+// Output shape of a gather over k samples: (B, k, *input.shape[1:]).
+inline std::vector<int64_t> sampled_shape(const at::Tensor& input, int64_t k) {
+  std::vector<int64_t> shape{input.size(0), k};
+  for (int64_t d = 1; d < input.dim(); ++d) shape.push_back(input.size(d));
+  return shape;
+}
+
+// Output shape of a mean over the sample dim: (B, *y.shape[2:]).
+inline std::vector<int64_t> averaged_shape(const at::Tensor& y) {
+  std::vector<int64_t> shape{y.size(0)};
+  for (int64_t d = 2; d < y.dim(); ++d) shape.push_back(y.size(d));
+  return shape;
+}
+
+// Output shape of unpermute_edges_mean: (B, n, n, *F), or (B, n, *F) for the diagonal.
+inline std::vector<int64_t> averaged_edge_shape(const at::Tensor& y, bool diagonal) {
+  std::vector<int64_t> shape{y.size(0), y.size(2)};
+  if (!diagonal) shape.push_back(y.size(3));
+  for (int64_t d = 4; d < y.dim(); ++d) shape.push_back(y.size(d));
+  return shape;
+}
+
+inline c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->contiguous();
 }
 
 // Checks that the C++ entry points repeat from the Python layer: the ops are reachable through

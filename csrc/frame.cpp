@@ -9,21 +9,16 @@
 namespace lps_fast {
 namespace {
 
-c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->contiguous();
-}
-
 at::Tensor frame_apply_cpu(const at::Tensor& x, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
                            const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& soft) {
   check_frame_args(x, "x", /*per_sample=*/false, R, perm, center, soft);
-  return cpu::frame_apply(x.contiguous(), R.contiguous(), contiguous(perm), contiguous(center));
+  return cpu::frame_apply(x.contiguous(), R.contiguous(), contiguous_or_none(perm), contiguous_or_none(center));
 }
 
 at::Tensor frame_unapply_mean_cpu(const at::Tensor& y, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
                                   const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& soft) {
   check_frame_args(y, "y", /*per_sample=*/true, R, perm, center, soft);
-  return cpu::frame_unapply_mean(y.contiguous(), R.contiguous(), contiguous(perm), contiguous(center));
+  return cpu::frame_unapply_mean(y.contiguous(), R.contiguous(), contiguous_or_none(perm), contiguous_or_none(center));
 }
 
 }  // namespace

@@ -132,9 +132,7 @@ at::Tensor inverse_permutation(const at::Tensor& perm) {
 
 at::Tensor permute_nodes(const at::Tensor& x, const at::Tensor& perm) {
   const int64_t batch = perm.size(0), k = perm.size(1), n = perm.size(2);
-  std::vector<int64_t> shape{batch, k};
-  for (int64_t d = 1; d < x.dim(); ++d) shape.push_back(x.size(d));
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = at::empty(sampled_shape(x, k), x.options());
   if (out.numel() == 0) return out;
   invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);
   dispatch_by_element_size<GatherNodes>(x, "x", x, perm, out, feature_size(x, 2));
@@ -143,9 +141,7 @@ at::Tensor permute_nodes(const at::Tensor& x, const at::Tensor& perm) {
 
 at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm) {
   const int64_t batch = perm.size(0), k = perm.size(1), n = perm.size(2);
-  std::vector<int64_t> shape{batch, k};
-  for (int64_t d = 1; d < e.dim(); ++d) shape.push_back(e.size(d));
-  at::Tensor out = at::empty(shape, e.options());
+  at::Tensor out = at::empty(sampled_shape(e, k), e.options());
   if (out.numel() == 0) return out;
   invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);
   dispatch_by_element_size<GatherEdges>(e, "e", e, perm, out, feature_size(e, 3));
@@ -155,9 +151,7 @@ at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm) {
 at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) {
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2);
   const int64_t features = feature_size(y, 3);
-  std::vector<int64_t> shape{batch};
-  for (int64_t d = 2; d < y.dim(); ++d) shape.push_back(y.size(d));
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(averaged_shape(y), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
   const int64_t* position = inverse.const_data_ptr<int64_t>();
@@ -187,10 +181,7 @@ at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) {
 at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, bool diagonal) {
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2);
   const int64_t features = feature_size(y, 4);
-  std::vector<int64_t> shape{batch, n};
-  if (!diagonal) shape.push_back(n);
-  for (int64_t d = 4; d < y.dim(); ++d) shape.push_back(y.size(d));
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(averaged_edge_shape(y, diagonal), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
   const int64_t* position = inverse.const_data_ptr<int64_t>();

@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "cuda/launch.cuh"
+#include "cuda/permutation.cuh"
 
 namespace lps_fast {
 namespace cuda {
@@ -85,16 +86,6 @@ __global__ void frame_unapply_mean_kernel(const scalar_t* __restrict__ y, const 
   }
 }
 
-// inverse[b, j, perm[b, j, r]] = r
-__global__ void invert_kernel(const int64_t* __restrict__ perm, int64_t* __restrict__ inverse, int64_t n,
-                              int64_t total) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t sample = index / n;
-    inverse[sample * n + clamp_index<int64_t>(perm[index], n)] = index - sample * n;
-  }
-}
-
 template <typename scalar_t>
 const scalar_t* optional_data(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
@@ -105,9 +96,7 @@ at::Tensor frame_apply_cuda(const at::Tensor& x_in, const at::Tensor& R_in, cons
   check_frame_args(x_in, "x", /*per_sample=*/false, R_in, perm_in, center_in, soft);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), R = R_in.contiguous();
-  const c10::optional<at::Tensor> perm = perm_in.has_value() ? c10::optional<at::Tensor>(perm_in->contiguous()) : c10::nullopt;
-  const c10::optional<at::Tensor> center =
-      center_in.has_value() ? c10::optional<at::Tensor>(center_in->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> perm = contiguous_or_none(perm_in), center = contiguous_or_none(center_in);
   const int64_t batch = x.size(0), n = x.size(1), channels = x.size(3), k = R.size(1);
   at::Tensor out = at::empty({batch, k, n, 3, channels}, x.options());
   if (out.numel() == 0) return out;
@@ -136,19 +125,11 @@ at::Tensor frame_unapply_mean_cuda(const at::Tensor& y_in, const at::Tensor& R_i
   check_frame_args(y_in, "y", /*per_sample=*/true, R_in, perm_in, center_in, soft);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous(), R = R_in.contiguous();
-  const c10::optional<at::Tensor> center =
-      center_in.has_value() ? c10::optional<at::Tensor>(center_in->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> center = contiguous_or_none(center_in);
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2), channels = y.size(4);
   at::Tensor out = at::empty({batch, n, 3, channels}, y.options());
   if (out.numel() == 0) return out;
-  at::Tensor inverse;
-  if (perm_in.has_value()) {
-    const at::Tensor perm = perm_in->contiguous();
-    inverse = at::empty(perm.sizes(), perm.options());
-    invert_kernel<<<grid_size(perm.numel()), kThreads, 0, current_stream()>>>(
-        perm.const_data_ptr<int64_t>(), inverse.mutable_data_ptr<int64_t>(), n, perm.numel());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const at::Tensor inverse = perm_in.has_value() ? inverse_permutation(perm_in->contiguous()) : at::Tensor();
   const int64_t* positions = inverse.defined() ? inverse.const_data_ptr<int64_t>() : nullptr;
   const int64_t total = batch * n * channels;
   const auto stream = current_stream();

@@ -22,6 +22,7 @@
 
 #include "common.h"
 #include "cuda/launch.cuh"
+#include "cuda/permutation.cuh"
 
 namespace lps_fast {
 namespace cuda {
@@ -66,16 +67,6 @@ __global__ void gather_edges_kernel(const vec_t* __restrict__ e, const int64_t* 
     const int r = first_row + local_row;
     const int64_t source = ((b * n + sample_perm[r]) * n + sample_perm[s]) * cell_vectors + column;
     out[(sample * n + r) * static_cast<int64_t>(row_items) + item] = e[source];
-  }
-}
-
-// inverse[b, j, perm[b, j, r]] = r
-__global__ void invert_kernel(const int64_t* __restrict__ perm, int64_t* __restrict__ inverse, int64_t n,
-                              int64_t total) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t sample = index / n;
-    inverse[sample * n + clamp_index<int64_t>(perm[index], n)] = index - sample * n;
   }
 }
 
@@ -221,16 +212,6 @@ void launch_gather_edges(const at::Tensor& e, const at::Tensor& perm, at::Tensor
     default: launch<int8_t>(__VA_ARGS__); break;    \
   }
 
-at::Tensor inverse_permutation(const at::Tensor& perm) {
-  at::Tensor inverse = at::empty(perm.sizes(), perm.options());
-  const int64_t total = perm.numel();
-  if (total == 0) return inverse;
-  invert_kernel<<<grid_size(total), kThreads, 0, current_stream()>>>(
-      perm.const_data_ptr<int64_t>(), inverse.mutable_data_ptr<int64_t>(), perm.size(2), total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return inverse;
-}
-
 // ---- registered entry points ---------------------------------------------------------------
 
 at::Tensor permute_nodes_cuda(const at::Tensor& x_in, const at::Tensor& perm_in,
@@ -238,9 +219,7 @@ at::Tensor permute_nodes_cuda(const at::Tensor& x_in, const at::Tensor& perm_in,
   check_permute_nodes_args(x_in, perm_in, soft);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), perm = perm_in.contiguous();
-  std::vector<int64_t> shape{perm.size(0), perm.size(1)};
-  for (int64_t d = 1; d < x.dim(); ++d) shape.push_back(x.size(d));
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = at::empty(sampled_shape(x, perm.size(1)), x.options());
   if (out.numel() == 0) return out;
   const int64_t row_bytes = feature_size(x, 2) * x.element_size();
   const int64_t width = vector_width(x.const_data_ptr(), out.const_data_ptr(), row_bytes);
@@ -253,9 +232,7 @@ at::Tensor permute_edges_cuda(const at::Tensor& e_in, const at::Tensor& perm_in,
   check_permute_edges_args(e_in, perm_in, soft);
   const c10::cuda::CUDAGuard guard(e_in.device());
   const at::Tensor e = e_in.contiguous(), perm = perm_in.contiguous();
-  std::vector<int64_t> shape{perm.size(0), perm.size(1)};
-  for (int64_t d = 1; d < e.dim(); ++d) shape.push_back(e.size(d));
-  at::Tensor out = at::empty(shape, e.options());
+  at::Tensor out = at::empty(sampled_shape(e, perm.size(1)), e.options());
   if (out.numel() == 0) return out;
   const int64_t cell_bytes = feature_size(e, 3) * e.element_size();
   const int64_t width = vector_width(e.const_data_ptr(), out.const_data_ptr(), cell_bytes);
@@ -269,9 +246,7 @@ at::Tensor unpermute_mean_cuda(const at::Tensor& y_in, const at::Tensor& perm_in
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous(), perm = perm_in.contiguous();
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2), features = feature_size(y, 3);
-  std::vector<int64_t> shape{batch};
-  for (int64_t d = 2; d < y.dim(); ++d) shape.push_back(y.size(d));
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(averaged_shape(y), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
   const int64_t total = out.numel();
@@ -297,10 +272,7 @@ at::Tensor unpermute_edges_mean_cuda(const at::Tensor& y_in, const at::Tensor& p
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous(), perm = perm_in.contiguous();
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2), features = feature_size(y, 4);
-  std::vector<int64_t> shape{batch, n};
-  if (!diagonal) shape.push_back(n);
-  for (int64_t d = 4; d < y.dim(); ++d) shape.push_back(y.size(d));
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(averaged_edge_shape(y, diagonal), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
   const int64_t total = out.numel();
