@@ -12,7 +12,8 @@ a scale and an input builder) and calls :func:`main`. For each case the harness
    timed ("a speedup is never reported on a red gate");
 3. times each mode (``fwd``: forward under ``no_grad``; ``bwd``: ``autograd.grad(...,
    retain_graph=True)`` of one forward graph; ``full``: forward + backward), with warm-up and
-   repeats, and reports the median and the 20th/80th percentiles;
+   repeats, the providers' samples interleaved on CPU, and reports the median and the 20th/80th
+   percentiles;
 4. measures memory in a separate, untimed run (see :func:`measure_memory`);
 5. appends one JSON line per (case, provider, mode) to ``benchmarks/results/<family>.jsonl`` and
    prints a table of medians and speedups computed within this run.
@@ -317,6 +318,57 @@ def time_cpu(fn: Callable[[], object], warmup: int, repeats: int, budget_s: floa
     samples.sort()
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), count, inner,
                   first_call)
+
+
+def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int, budget_s: float,
+                         min_sample_s: float = 5e-5) -> Dict[str, Timing]:
+    """:func:`time_cpu` for several providers of one measurement, sampled in alternating rounds.
+
+    On a machine shared with other work the load drifts during a measurement; taking every
+    provider's samples spread over the same rounds (in alternating order) exposes them all to the
+    same drift, so that their ratio, the number that matters, stays fair. Each provider keeps its
+    own sample count (``repeats``, fewer for slow ops within ``budget_s``, at least 3) and its own
+    ``inner`` grouping of back-to-back calls.
+    """
+    first, inner, count = {}, {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()  # the first call may compile: timed apart, never a sample
+        first[name] = time.perf_counter() - start
+        start = time.perf_counter()
+        fn()
+        estimate = max(time.perf_counter() - start, 1e-7)
+        for _ in range(max(0, warmup - 2) if estimate > 0.01 else max(0, warmup - 1)):
+            fn()
+        inner[name] = max(1, min(10_000, math.ceil(min_sample_s / estimate)))
+        count[name] = max(3, min(repeats, int(budget_s / (estimate * inner[name]))))
+    rounds = max(count.values(), default=0)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    # no collection inside the samples (gc.collect() itself costs ~0.2 s with dynamo imported)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(rounds):
+            order = names if round_index % 2 == 0 else names[::-1]
+            for name in order:
+                # spread each provider's samples evenly over the rounds
+                if (round_index * count[name]) // rounds == ((round_index + 1) * count[name]) // rounds:
+                    continue
+                fn, calls = fns[name], inner[name]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / calls * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    timings = {}
+    for name, values in samples.items():
+        values.sort()
+        timings[name] = Timing(statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8),
+                               len(values), inner[name], first[name])
+    return timings
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float,
@@ -670,6 +722,9 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                                None if upstream is None else upstream.double())
         missing = available_providers(case.op, device)
         _log(settings, f"\n{family}: {case.name} @ {case.scale.name} ({shape})")
+        runners: Dict[str, Runner] = {}
+        base_rows: Dict[str, dict] = {}
+        gate_seconds: Dict[str, float] = {}
         for provider in settings.providers:
             if provider in missing:
                 _log(settings, f"  {provider:18s} skipped: {missing[provider]}")
@@ -698,7 +753,7 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                 runner = make_runner(provider, case.op)
                 start = time.perf_counter()
                 got = run_once(runner, case, inputs, upstream)
-                first_call_s = time.perf_counter() - start
+                gate_seconds[provider] = time.perf_counter() - start
                 problem = None if provider == "reference" else compare(case, inputs, got, expected, exact64)
             except Exception as exc:  # a provider that crashes is reported, not fatal
                 problem = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -708,30 +763,56 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                     rows.append({**base_row, "mode": mode, "status": "mismatch", "error": problem,
                                  "median_ms": None, "p20_ms": None, "p80_ms": None})
                 continue
-            for mode in modes:
-                row = {**base_row, "mode": mode, "status": "ok"}
+            runners[provider] = runner
+            base_rows[provider] = base_row
+        for mode in modes:
+            fns: Dict[str, Callable[[], object]] = {}
+            for provider, runner in runners.items():
                 try:
-                    fn = mode_callable(runner, case, inputs, mode, upstream)
-                    if device.type == "cuda":
-                        timing = time_cuda(fn, settings.warmup, settings.repeats, settings.budget_s, device)
-                    else:
-                        timing = time_cpu(fn, settings.warmup, settings.repeats, settings.budget_s)
+                    fns[provider] = mode_callable(runner, case, inputs, mode, upstream)
                 except Exception as exc:
-                    row.update(status="error", error=f"{type(exc).__name__}: {exc}", median_ms=None)
+                    row = {**base_rows[provider], "mode": mode, "status": "error",
+                           "error": f"{type(exc).__name__}: {exc}", "median_ms": None}
+                    rows.append(row)
+                    _log(settings, f"  {provider:18s} {mode:4s} ERROR {row['error']}")
+            timings: Dict[str, Timing] = {}
+            errors: Dict[str, str] = {}
+            if device.type == "cuda":
+                for provider, fn in fns.items():
+                    try:
+                        timings[provider] = time_cuda(fn, settings.warmup, settings.repeats, settings.budget_s, device)
+                    except Exception as exc:
+                        errors[provider] = f"{type(exc).__name__}: {exc}"
+            else:
+                try:
+                    timings = time_cpu_interleaved(fns, settings.warmup, settings.repeats, settings.budget_s)
+                except Exception as exc:
+                    # find the provider that fails, time the others one by one
+                    for provider, fn in fns.items():
+                        try:
+                            timings[provider] = time_cpu(fn, settings.warmup, settings.repeats, settings.budget_s)
+                        except Exception as exc:
+                            errors[provider] = f"{type(exc).__name__}: {exc}"
+            for provider in fns:
+                row = {**base_rows[provider], "mode": mode, "status": "ok"}
+                if provider in errors:
+                    row.update(status="error", error=errors[provider], median_ms=None)
                     rows.append(row)
                     _log(settings, f"  {provider:18s} {mode:4s} ERROR {row['error']}")
                     continue
+                timing = timings[provider]
                 row.update(median_ms=round(timing.median_ms, 5), p20_ms=round(timing.p20_ms, 5),
                            p80_ms=round(timing.p80_ms, 5), repeats=timing.repeats, inner=timing.inner)
                 if provider == "reference+compile":
-                    row["first_call_s"] = round(max(timing.first_call_s, first_call_s if mode != "fwd" else 0.0), 3)
+                    first = timing.first_call_s if mode == "fwd" else max(timing.first_call_s, gate_seconds[provider])
+                    row["first_call_s"] = round(first, 3)
                 gbps = None
                 if mode == "fwd" and case.bytes_moved is not None:
                     gbps = case.bytes_moved(inputs, settings.dtype.itemsize) / (timing.median_ms * 1e-3) / 1e9
                 row["gbps"] = None if gbps is None else round(gbps, 2)
                 if settings.memory and mode in ("fwd", "full"):
                     try:
-                        row.update(measure_memory(fn, runner, case, inputs, mode, device))
+                        row.update(measure_memory(fns[provider], runners[provider], case, inputs, mode, device))
                     except Exception as exc:
                         row["memory_error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)

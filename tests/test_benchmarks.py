@@ -129,6 +129,23 @@ def test_timing_statistics():
     assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
 
 
+def test_interleaved_timing_keeps_each_providers_count():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        sum(range(20_000))
+
+    timings = harness.time_cpu_interleaved({"fast": fast, "slow": slow}, warmup=1, repeats=7, budget_s=10.0)
+    assert timings["fast"].repeats == timings["slow"].repeats == 7
+    assert timings["slow"].inner == 1 and timings["fast"].inner > 1
+    assert timings["fast"].median_ms < timings["slow"].median_ms
+    assert calls["slow"] == 2 + 7
+
+
 @pytest.mark.slow
 def test_compiled_reference_provider():
     """reference+compile: compiled once outside the timed region, gated, and timed in every mode."""
