@@ -125,9 +125,7 @@ class Symmetrize(nn.Module):
     def _backend_context(self):
         if self.backend == "fast":
             return contextlib.nullcontext()
-        from ._backend import use_backend
-
-        return use_backend(self.backend)
+        return _backend.use_backend(self.backend)
 
     def sample(self, inputs, noise: Optional[Dict[str, torch.Tensor]] = None,
                n_samples: Optional[int] = None) -> Tuple[GroupSample, Dict[str, torch.Tensor]]:

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import lps_fast
 from lps_fast import groups as G
 from lps_fast.distributions import Frame, pca_frames, wl_colors
 from lps_fast.groups import GroupElement, GroupSample, Inputs
