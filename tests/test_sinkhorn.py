@@ -20,6 +20,9 @@ CASES = [
     (1, 2, 64, 1.0, 10),
     (1, 2, 188, 0.1, 20),
     (3, 2, 9, 0.05, 0),
+    # small tau: a wide spread of L0 (here up to 200) makes the kernel iterate in the log domain
+    (2, 3, 5, 0.01, 20),
+    (1, 2, 188, 0.01, 20),
 ]
 
 

@@ -129,33 +129,132 @@ void column_potentials(const acc_t* L0, int64_t m, const acc_t* U, acc_t* V, acc
   for (int64_t r = 0; r < m; ++r) V[r] = peak[r] + std::log(total[r]);
 }
 
+// Largest spread of L0 = -|s - t| / tau for which the kernel iterates in the linear domain:
+// exp(L0) then stays far above the smallest normal number, so K = exp(L0) loses nothing and
+// each iteration is two matrix-vector products instead of 2 m^2 exponentials.
+template <typename acc_t>
+constexpr acc_t kLinearSpread = sizeof(acc_t) == 4 ? acc_t(60) : acc_t(600);
+
+// The iterates of one matrix, in one of two equivalent forms:
+//   linear: entry(t) = K[ii, r] * row[ii] * column[r], with K = exp(L0), row = exp(-U), column = exp(-V)
+//   log:    entry(t) = exp(L0[ii, r] - row[ii] - column[r]), with row = U, column = V
+// The linear form is exact whenever exp(L0) cannot underflow; otherwise (small tau and a wide
+// spread of scores) the kernel keeps the potentials in the log domain, as the reference does.
 template <typename acc_t>
 struct SinkhornWorkspace {
   SortedScores<acc_t> sorted;
-  std::vector<acc_t> L0, U, V, peak, total;
-  std::vector<acc_t> history_U, history_V;  // backward: potentials of every iteration
+  std::vector<acc_t> L0, K, row, column, peak, total;
+  std::vector<acc_t> history_row, history_column;  // backward: the potentials of every iteration
+  bool linear = true;
 
-  // Runs n_iter iterations; with `keep_history`, history_U[t] = U_{t+1}, history_V[t] = V_{t+1}.
-  void iterate(int64_t n_iter, bool keep_history) {
+  void prepare(acc_t tau) {
+    sorted.cost(tau, L0);
     const int64_t m = sorted.m;
-    U.assign(m, acc_t(0));
-    V.assign(m, acc_t(0));
+    // min L0 = -(largest - smallest score) / tau; the sorted scores give both ends.
+    const acc_t spread = m > 0 ? (sorted.position_score[0] - sorted.position_score[m - 1]) / tau : acc_t(0);
+    linear = spread <= kLinearSpread<acc_t>;
+    if (linear) {
+      K.resize(m * m);
+#pragma omp simd
+      for (int64_t e = 0; e < m * m; ++e) K[e] = fast_exp(L0[e]);
+    }
+  }
+
+  // n_iter iterations; with `keep_history`, history_row[t] and history_column[t] hold iteration t + 1.
+  void iterate(int64_t n_iter, bool keep_history) {
+    if (linear && iterate_linear(n_iter, keep_history)) return;
+    linear = false;
+    iterate_log(n_iter, keep_history);
+  }
+
+  // u_t = 1 / (K v_{t-1}), v_t = 1 / (K^T u_t), v_0 = 1. False if a scaling left the float
+  // range (only possible near the spread limit): the caller then iterates in the log domain.
+  bool iterate_linear(int64_t n_iter, bool keep_history) {
+    const int64_t m = sorted.m;
+    row.assign(m, acc_t(1));
+    column.assign(m, acc_t(1));
+    total.resize(m);
+    if (keep_history) {
+      history_row.resize(n_iter * m);
+      history_column.resize(n_iter * m);
+    }
+    bool finite = true;
+    for (int64_t t = 0; t < n_iter; ++t) {
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t* k_row = K.data() + ii * m;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t r = 0; r < m; ++r) dot += k_row[r] * column[r];
+        row[ii] = acc_t(1) / dot;
+      }
+      std::fill(total.begin(), total.end(), acc_t(0));
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t* k_row = K.data() + ii * m;
+        const acc_t u = row[ii];
+#pragma omp simd
+        for (int64_t r = 0; r < m; ++r) total[r] += k_row[r] * u;
+      }
+      for (int64_t r = 0; r < m; ++r) column[r] = acc_t(1) / total[r];
+      for (int64_t e = 0; e < m; ++e) {
+        finite = finite && std::isfinite(row[e]) && std::isfinite(column[e]) && row[e] > 0 && column[e] > 0;
+      }
+      if (keep_history) {
+        std::copy(row.begin(), row.end(), history_row.begin() + t * m);
+        std::copy(column.begin(), column.end(), history_column.begin() + t * m);
+      }
+    }
+    return finite;
+  }
+
+  void iterate_log(int64_t n_iter, bool keep_history) {
+    const int64_t m = sorted.m;
+    row.assign(m, acc_t(0));
+    column.assign(m, acc_t(0));
     peak.resize(m);
     total.resize(m);
     if (keep_history) {
-      history_U.resize(n_iter * m);
-      history_V.resize(n_iter * m);
+      history_row.resize(n_iter * m);
+      history_column.resize(n_iter * m);
     }
     for (int64_t t = 0; t < n_iter; ++t) {
-      row_potentials(L0.data(), m, V.data(), U.data());
-      column_potentials(L0.data(), m, U.data(), V.data(), peak.data(), total.data());
+      row_potentials(L0.data(), m, column.data(), row.data());
+      column_potentials(L0.data(), m, row.data(), column.data(), peak.data(), total.data());
       if (keep_history) {
-        std::copy(U.begin(), U.end(), history_U.begin() + t * m);
-        std::copy(V.begin(), V.end(), history_V.begin() + t * m);
+        std::copy(row.begin(), row.end(), history_row.begin() + t * m);
+        std::copy(column.begin(), column.end(), history_column.begin() + t * m);
       }
     }
   }
+
+  // Potentials before the first iteration: v_0 = 1 (linear) or V_0 = 0 (log).
+  acc_t initial_column() const { return linear ? acc_t(1) : acc_t(0); }
 };
+
+// Entry (ii, r) of an iterate from its row and column potentials (see SinkhornWorkspace).
+template <bool LINEAR, typename acc_t>
+inline acc_t iterate_entry(const acc_t* k_row, const acc_t* l0_row, int64_t r, acc_t row_value, acc_t column_value) {
+  if constexpr (LINEAR) {
+    return k_row[r] * row_value * column_value;
+  } else {
+    return fast_exp(l0_row[r] - row_value - column_value);
+  }
+}
+
+template <bool LINEAR, typename scalar_t, typename acc_t>
+void write_soft(const SinkhornWorkspace<acc_t>& work, scalar_t* out, int64_t n) {
+  const int64_t m = work.sorted.m;
+  std::fill(out, out + n * n, scalar_t(0));
+  for (int64_t ii = 0; ii < m; ++ii) {
+    const acc_t* k_row = LINEAR ? work.K.data() + ii * m : nullptr;
+    const acc_t* l0_row = work.L0.data() + ii * m;
+    const acc_t u = work.row[ii];
+    scalar_t* out_row = out + work.sorted.real_nodes[ii] * n;
+#pragma omp simd
+    for (int64_t r = 0; r < m; ++r) {
+      out_row[r] = static_cast<scalar_t>(iterate_entry<LINEAR>(k_row, l0_row, r, u, work.column[r]));
+    }
+  }
+}
 
 template <typename scalar_t>
 void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_iter, const bool* mask_data,
@@ -172,20 +271,104 @@ void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_ite
       const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
       work.sorted.compute(score_data + matrix * n, mask, n);
       std::copy(work.sorted.order.begin(), work.sorted.order.end(), perm_data + matrix * n);
-      work.sorted.cost(static_cast<acc_t>(tau), work.L0);
+      work.prepare(static_cast<acc_t>(tau));
       work.iterate(n_iter, /*keep_history=*/false);
-      const int64_t m = work.sorted.m;
-      scalar_t* out = soft_data + matrix * n * n;
-      std::fill(out, out + n * n, scalar_t(0));
-      for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t* row = work.L0.data() + ii * m;
-        const acc_t u = work.U[ii];
-        scalar_t* out_row = out + work.sorted.real_nodes[ii] * n;
-        for (int64_t r = 0; r < m; ++r) out_row[r] = static_cast<scalar_t>(fast_exp(row[r] - u - work.V[r]));
+      if (work.linear) {
+        write_soft<true>(work, soft_data + matrix * n * n, n);
+      } else {
+        write_soft<false>(work, soft_data + matrix * n * n, n);
       }
     }
   });
 }
+
+// Reverse mode through the iterations of one matrix (docs/DESIGN.md), accumulating
+// d loss / d s_hat[node ii] into d_node and d loss / d s_hat_sorted[r] into d_position.
+template <bool LINEAR, typename scalar_t, typename acc_t>
+struct SinkhornAdjoint {
+  std::vector<acc_t> adjoint_row, adjoint_column, next_adjoint_column, d_node, d_position, weight;
+
+  void run(const SinkhornWorkspace<acc_t>& work, const scalar_t* G, int64_t n, int64_t n_iter, acc_t inverse_tau) {
+    const SortedScores<acc_t>& sorted = work.sorted;
+    const int64_t m = sorted.m;
+    const acc_t* s = sorted.node_score.data();
+    const acc_t* t = sorted.position_score.data();
+    adjoint_row.assign(m, acc_t(0));
+    adjoint_column.assign(m, acc_t(0));
+    next_adjoint_column.resize(m);
+    d_node.assign(m, acc_t(0));
+    d_position.assign(m, acc_t(0));
+    weight.resize(m);
+    auto k_row = [&](int64_t ii) { return LINEAR ? work.K.data() + ii * m : nullptr; };
+    auto l0_row = [&](int64_t ii) { return work.L0.data() + ii * m; };
+
+    // Folds an adjoint a(ii, r) of L0 into the score adjoints:
+    // dL0/ds[ii] = -sign(s[ii] - t[r]) / tau, dL0/dt[r] = +sign(...) / tau.
+    auto fold = [&](int64_t ii) {
+      const acc_t score = s[ii];
+      acc_t node_sum = 0;
+#pragma omp simd reduction(+ : node_sum)
+      for (int64_t r = 0; r < m; ++r) {
+        const acc_t slope = sign(score - t[r]) * inverse_tau * weight[r];
+        node_sum -= slope;
+        d_position[r] += slope;
+      }
+      d_node[ii] += node_sum;
+    };
+
+    // The output soft = entry(T): dL = G * soft.
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const scalar_t* g_row = G + sorted.real_nodes[ii] * n;
+      const acc_t u = work.row[ii];
+      acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t r = 0; r < m; ++r) {
+        const acc_t value =
+            static_cast<acc_t>(g_row[r]) * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, work.column[r]);
+        weight[r] = value;
+        row_sum += value;
+        adjoint_column[r] -= value;
+      }
+      adjoint_row[ii] -= row_sum;
+      fold(ii);
+    }
+    for (int64_t step = n_iter - 1; step >= 0; --step) {
+      const acc_t* row_t = work.history_row.data() + step * m;
+      const acc_t* column_t = work.history_column.data() + step * m;
+      const acc_t* column_before = step > 0 ? work.history_column.data() + (step - 1) * m : nullptr;
+      // Column step: the column potentials normalize entry(t) = entry(row_t, column_t).
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t u = row_t[ii];
+        acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t value = adjoint_column[r] * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, column_t[r]);
+          weight[r] = value;
+          row_sum += value;
+        }
+        adjoint_row[ii] -= row_sum;
+        fold(ii);
+      }
+      // Row step: the row potentials normalize entry(row_t, column_{t-1}), column_0 initial.
+      std::fill(next_adjoint_column.begin(), next_adjoint_column.end(), acc_t(0));
+      const acc_t initial = work.initial_column();
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const acc_t u = row_t[ii];
+        const acc_t a = adjoint_row[ii];
+#pragma omp simd
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t v = column_before == nullptr ? initial : column_before[r];
+          const acc_t value = a * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, v);
+          weight[r] = value;
+          next_adjoint_column[r] -= value;
+        }
+        fold(ii);
+      }
+      std::swap(adjoint_column, next_adjoint_column);
+      std::fill(adjoint_row.begin(), adjoint_row.end(), acc_t(0));
+    }
+  }
+};
 
 template <typename scalar_t>
 void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& scores, double tau, int64_t n_iter,
@@ -198,97 +381,34 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
   const acc_t inverse_tau = acc_t(1) / static_cast<acc_t>(tau);
   at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
     SinkhornWorkspace<acc_t> work;
-    std::vector<acc_t> adjoint_U, adjoint_V, next_adjoint_V, d_node, d_position, d_normalized, weight;
+    SinkhornAdjoint<true, scalar_t, acc_t> linear_adjoint;
+    SinkhornAdjoint<false, scalar_t, acc_t> log_adjoint;
+    std::vector<acc_t> d_normalized;
     for (int64_t matrix = begin; matrix < end; ++matrix) {
       const int64_t b = matrix / k;
       const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
       SortedScores<acc_t>& sorted = work.sorted;
       sorted.compute(score_data + matrix * n, mask, n);
-      sorted.cost(static_cast<acc_t>(tau), work.L0);
+      work.prepare(static_cast<acc_t>(tau));
       work.iterate(n_iter, /*keep_history=*/true);
-      const int64_t m = sorted.m;
-      const acc_t* L0 = work.L0.data();
-      const acc_t* s = sorted.node_score.data();
-      const acc_t* t = sorted.position_score.data();
-      adjoint_U.assign(m, acc_t(0));
-      adjoint_V.assign(m, acc_t(0));
-      next_adjoint_V.resize(m);
-      d_node.assign(m, acc_t(0));      // d loss / d s_hat[node ii]
-      d_position.assign(m, acc_t(0));  // d loss / d s_hat_sorted[r]
-      weight.resize(m);
-
-      // Folds an adjoint a(ii, r) of L0 into the score adjoints:
-      // dL0/ds[ii] = -sign(s[ii] - t[r]) / tau, dL0/dt[r] = +sign(...) / tau.
-      auto fold = [&](int64_t ii, const acc_t* adjoint_row) {
-        const acc_t score = s[ii];
-        acc_t node_sum = 0;
-#pragma omp simd reduction(+ : node_sum)
-        for (int64_t r = 0; r < m; ++r) {
-          const acc_t slope = sign(score - t[r]) * inverse_tau * adjoint_row[r];
-          node_sum -= slope;
-          d_position[r] += slope;
-        }
-        d_node[ii] += node_sum;
-      };
-
-      // The output soft = exp(L0 - U_T - V_T): dL = G * soft.
       const scalar_t* G = grad_data + matrix * n * n;
-      for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t* row = L0 + ii * m;
-        const acc_t u = work.U[ii];
-        const scalar_t* g_row = G + sorted.real_nodes[ii] * n;
-        acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t r = 0; r < m; ++r) {
-          const acc_t value = static_cast<acc_t>(g_row[r]) * fast_exp(row[r] - u - work.V[r]);
-          weight[r] = value;
-          row_sum += value;
-          adjoint_V[r] -= value;
-        }
-        adjoint_U[ii] -= row_sum;
-        fold(ii, weight.data());
-      }
-      for (int64_t step = n_iter - 1; step >= 0; --step) {
-        const acc_t* U_t = work.history_U.data() + step * m;
-        const acc_t* V_t = work.history_V.data() + step * m;
-        const acc_t* V_before = step > 0 ? work.history_V.data() + (step - 1) * m : nullptr;
-        // Column step V_t = lse_ii(L0 - U_t): P = exp(L0 - U_t - V_t).
-        for (int64_t ii = 0; ii < m; ++ii) {
-          const acc_t* row = L0 + ii * m;
-          const acc_t u = U_t[ii];
-          acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-          for (int64_t r = 0; r < m; ++r) {
-            const acc_t value = adjoint_V[r] * fast_exp(row[r] - u - V_t[r]);
-            weight[r] = value;
-            row_sum += value;
-          }
-          adjoint_U[ii] -= row_sum;
-          fold(ii, weight.data());
-        }
-        // Row step U_t = lse_r(L0 - V_{t-1}): Q = exp(L0 - V_{t-1} - U_t), V_0 = 0.
-        std::fill(next_adjoint_V.begin(), next_adjoint_V.end(), acc_t(0));
-        for (int64_t ii = 0; ii < m; ++ii) {
-          const acc_t* row = L0 + ii * m;
-          const acc_t u = U_t[ii];
-          const acc_t a = adjoint_U[ii];
-          for (int64_t r = 0; r < m; ++r) {
-            const acc_t v = V_before == nullptr ? acc_t(0) : V_before[r];
-            const acc_t value = a * fast_exp(row[r] - v - u);
-            weight[r] = value;
-            next_adjoint_V[r] -= value;
-          }
-          fold(ii, weight.data());
-        }
-        std::swap(adjoint_V, next_adjoint_V);
-        std::fill(adjoint_U.begin(), adjoint_U.end(), acc_t(0));
+      const std::vector<acc_t>* d_node;
+      const std::vector<acc_t>* d_position;
+      if (work.linear) {
+        linear_adjoint.run(work, G, n, n_iter, inverse_tau);
+        d_node = &linear_adjoint.d_node;
+        d_position = &linear_adjoint.d_position;
+      } else {
+        log_adjoint.run(work, G, n, n_iter, inverse_tau);
+        d_node = &log_adjoint.d_node;
+        d_position = &log_adjoint.d_position;
       }
 
       // Back to s_hat by node, then through s_hat = s / max(||s||, eps).
       d_normalized.assign(n, acc_t(0));
-      for (int64_t ii = 0; ii < m; ++ii) {
-        d_normalized[sorted.real_nodes[ii]] += d_node[ii];
-        d_normalized[sorted.order[ii]] += d_position[ii];
+      for (int64_t ii = 0; ii < sorted.m; ++ii) {
+        d_normalized[sorted.real_nodes[ii]] += (*d_node)[ii];
+        d_normalized[sorted.order[ii]] += (*d_position)[ii];
       }
       scalar_t* out = out_data + matrix * n;
       if (sorted.norm >= sorted.eps) {
