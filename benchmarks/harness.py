@@ -215,6 +215,34 @@ def load_average() -> Optional[Tuple[float, float, float]]:
         return None
 
 
+_MALLOC_STATE = {"setting": "default"}
+
+
+def keep_freed_memory() -> str:
+    """Make glibc malloc keep freed memory (no mmap for large blocks, no trimming of the heap).
+
+    By default every block above glibc's mmap threshold (at most 32 MB), and any freed memory
+    above the trim threshold, goes back to the kernel, so the next allocation of that size pays a
+    page fault per 4 KB page; on a virtual machine that costs about 0.6 ms per MB, and whether
+    an op pays it depends on what ran before it in the process. Keeping freed memory (as
+    jemalloc, tcmalloc or torch's CUDA caching allocator do) times the ops instead of the page
+    faults. Returns a description for the result rows.
+    """
+    if _MALLOC_STATE["setting"] != "default":
+        return _MALLOC_STATE["setting"]
+    import ctypes
+    import ctypes.util
+
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _MALLOC_STATE["setting"] = "glibc, freed memory kept" if ok else "default (mallopt unavailable)"
+    return _MALLOC_STATE["setting"]
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     try:
         import triton
@@ -240,6 +268,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "cpu_extension": info["cpu_extension"]["loaded"],
         "cuda_extension": info["cuda_extension"]["loaded"],
         "load_avg": load_average(),
+        "malloc": _MALLOC_STATE["setting"],
     }
 
 
@@ -248,7 +277,7 @@ def format_environment(env: Dict[str, object], copy_gbps: Optional[float]) -> st
         f"date {env['date']}  host {env['host']}  commit {env['commit']}",
         f"cpu {env['cpu']} ({env['cores']} cores, torch threads {env['threads']})  gpu {env['gpu'] or 'none'}",
         f"python {env['python']}  torch {env['torch']}  triton {env['triton'] or 'none'}  lps_fast {env['lps_fast']}",
-        f"device {env['device']}  load average {env['load_avg']}",
+        f"device {env['device']}  load average {env['load_avg']}  malloc {env['malloc']}",
     ]
     if copy_gbps is not None:
         lines.append(f"memcpy ceiling {copy_gbps:.1f} GB/s (copy of a large tensor on {env['device']}, read + write)")
@@ -320,17 +349,36 @@ def time_cpu(fn: Callable[[], object], warmup: int, repeats: int, budget_s: floa
                   first_call)
 
 
+# ops faster than this get one untimed call before each interleaved sample (warm caches)
+REWARM_BELOW_S = 5e-3
+
+
+class CacheFlush:
+    """Writes a buffer larger than the last-level cache, so that the next call starts with cold
+    caches (the CPU counterpart of the L2 flush that ``triton.testing.do_bench`` does on CUDA):
+    every provider is timed from the same cache state, whatever ran before it."""
+
+    def __init__(self, megabytes: int = 64):
+        self.buffer = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
 def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int, budget_s: float,
-                         min_sample_s: float = 5e-5) -> Dict[str, Timing]:
+                         min_sample_s: float = 5e-5, flush: Optional[Callable[[], None]] = None) -> Dict[str, Timing]:
     """:func:`time_cpu` for several providers of one measurement, sampled in alternating rounds.
 
     On a machine shared with other work the load drifts during a measurement; taking every
     provider's samples spread over the same rounds (in alternating order) exposes them all to the
     same drift, so that their ratio, the number that matters, stays fair. Each provider keeps its
     own sample count (``repeats``, fewer for slow ops within ``budget_s``, at least 3) and its own
-    ``inner`` grouping of back-to-back calls.
+    ``inner`` grouping of back-to-back calls. A sample of an op under ``REWARM_BELOW_S`` starts
+    after one untimed call of the same op, so that it runs on the warm caches it would have in a
+    back-to-back loop, whatever ran before it in the round. With ``flush``, every sample is one
+    call that starts after ``flush()`` (cold caches) instead.
     """
-    first, inner, count = {}, {}, {}
+    first, inner, count, rewarm = {}, {}, {}, {}
     for name, fn in fns.items():
         start = time.perf_counter()
         fn()  # the first call may compile: timed apart, never a sample
@@ -340,7 +388,8 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repe
         estimate = max(time.perf_counter() - start, 1e-7)
         for _ in range(max(0, warmup - 2) if estimate > 0.01 else max(0, warmup - 1)):
             fn()
-        inner[name] = max(1, min(10_000, math.ceil(min_sample_s / estimate)))
+        inner[name] = 1 if flush is not None else max(1, min(10_000, math.ceil(min_sample_s / estimate)))
+        rewarm[name] = flush is None and estimate < REWARM_BELOW_S
         count[name] = max(3, min(repeats, int(budget_s / (estimate * inner[name]))))
     rounds = max(count.values(), default=0)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
@@ -356,6 +405,10 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repe
                 if (round_index * count[name]) // rounds == ((round_index + 1) * count[name]) // rounds:
                     continue
                 fn, calls = fns[name], inner[name]
+                if flush is not None:
+                    flush()
+                elif rewarm[name]:
+                    fn()
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
@@ -678,6 +731,7 @@ class Settings:
     seed: int
     out: Optional[Path]
     quiet: bool = False
+    cold_cache: bool = False
 
 
 def _log(settings: Settings, message: str) -> None:
@@ -704,6 +758,7 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
     env = env or environment(device)
     run_id = f"{env['date']}-{os.getpid()}"
     rows: List[dict] = []
+    flush = CacheFlush() if settings.cold_cache and device.type == "cpu" else None
     for case in cases:
         generator = torch.Generator().manual_seed(settings.seed)
         inputs = case.make(device, settings.dtype, generator)
@@ -748,6 +803,8 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                 "provider": provider,
                 "copy_gbps": None if copy_gbps is None else round(copy_gbps, 2),
                 "load_avg_1min": (load_average() or (None,))[0],
+                "malloc": env["malloc"],
+                "cache": "cold" if flush is not None else "warm",
             }
             try:
                 runner = make_runner(provider, case.op)
@@ -785,7 +842,8 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                         errors[provider] = f"{type(exc).__name__}: {exc}"
             else:
                 try:
-                    timings = time_cpu_interleaved(fns, settings.warmup, settings.repeats, settings.budget_s)
+                    timings = time_cpu_interleaved(fns, settings.warmup, settings.repeats, settings.budget_s,
+                                                   flush=flush)
                 except Exception as exc:
                     # find the provider that fails, time the others one by one
                     for provider, fn in fns.items():
@@ -855,6 +913,11 @@ def parser(description: str, default_scales: Sequence[str] = SCALE_ORDER) -> arg
                    help="seconds of timed calls per measurement; slow ops take fewer samples, at least 3 (default 1.0)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default: torch's default, the core count)")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="CPU: write a 64 MB buffer before each sample, so every call starts with cold caches "
+                        "(default: warm caches, as in a back-to-back loop)")
+    p.add_argument("--raw-malloc", action="store_true",
+                   help="leave glibc malloc as it is (default on CPU: keep freed memory, see keep_freed_memory)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement")
     p.add_argument("--seed", type=int, default=0)
@@ -874,6 +937,8 @@ def settings_from_args(args: argparse.Namespace, family: str, argv: Optional[Seq
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.raw_malloc and not args.quick:
+        keep_freed_memory()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     providers = _split(args.providers)
@@ -905,6 +970,7 @@ def settings_from_args(args: argparse.Namespace, family: str, argv: Optional[Seq
         seed=args.seed,
         out=out,
         quiet=args.quiet,
+        cold_cache=args.cold_cache,
     )
 
 

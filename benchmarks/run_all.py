@@ -54,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     peek.add_argument("--device", default="cpu")
     peek.add_argument("--threads", type=int, default=None)
     peek.add_argument("--quick", action="store_true")
+    peek.add_argument("--raw-malloc", action="store_true")
     known, _ = peek.parse_known_args(rest)
     copy_gbps = None
     if not known.quick:
@@ -61,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
         if known.threads is not None:
             torch.set_num_threads(known.threads)
+        if known.device == "cpu" and not known.raw_malloc:
+            harness.keep_freed_memory()
         copy_gbps = harness.measure_copy_gbps(torch.device(known.device))
     rows: List[dict] = []
     start = time.perf_counter()
