@@ -188,11 +188,12 @@ struct SinkhornWorkspace {
         row[ii] = acc_t(1) / dot;
       }
       std::fill(total.begin(), total.end(), acc_t(0));
+      acc_t* __restrict__ column_total = total.data();
       for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t* k_row = K.data() + ii * m;
+        const acc_t* __restrict__ k_row = K.data() + ii * m;
         const acc_t u = row[ii];
 #pragma omp simd
-        for (int64_t r = 0; r < m; ++r) total[r] += k_row[r] * u;
+        for (int64_t r = 0; r < m; ++r) column_total[r] += k_row[r] * u;
       }
       for (int64_t r = 0; r < m; ++r) column[r] = acc_t(1) / total[r];
       for (int64_t e = 0; e < m; ++e) {
@@ -248,10 +249,11 @@ void write_soft(const SinkhornWorkspace<acc_t>& work, scalar_t* out, int64_t n) 
     const acc_t* k_row = LINEAR ? work.K.data() + ii * m : nullptr;
     const acc_t* l0_row = work.L0.data() + ii * m;
     const acc_t u = work.row[ii];
-    scalar_t* out_row = out + work.sorted.real_nodes[ii] * n;
+    const acc_t* __restrict__ column = work.column.data();
+    scalar_t* __restrict__ out_row = out + work.sorted.real_nodes[ii] * n;
 #pragma omp simd
     for (int64_t r = 0; r < m; ++r) {
-      out_row[r] = static_cast<scalar_t>(iterate_entry<LINEAR>(k_row, l0_row, r, u, work.column[r]));
+      out_row[r] = static_cast<scalar_t>(iterate_entry<LINEAR>(k_row, l0_row, r, u, column[r]));
     }
   }
 }
@@ -282,89 +284,102 @@ void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_ite
   });
 }
 
+// One row ii of a reverse step, with its weights w[r] = (d loss / d entry) * entry folded into
+// the score adjoints on the fly: dL0/ds[ii] = -slope[r], dL0/dt[r] = +slope[r] with
+// slope = sign(s[ii] - t[r]) / tau. Not inlined: gcc drops the restrict qualifiers of inlined
+// parameters, and without them these loops stay scalar.
+//   final step:  w = G[r] * entry,          row_sum += w, column_adjoint[r] -= w
+//   column step: w = column_adjoint[r] * entry, row_sum += w
+//   row step:    w = row_adjoint * entry,   next_column_adjoint[r] -= w
+enum class ReverseStep { kFinal, kColumn, kRow };
+
+template <ReverseStep STEP, bool LINEAR, typename acc_t, typename grad_t>
+LPS_FAST_NOINLINE void reverse_row(int64_t m, const acc_t* __restrict__ k_row, const acc_t* __restrict__ l0_row,
+                        const acc_t* __restrict__ slope, acc_t u, const acc_t* __restrict__ column,
+                        const grad_t* __restrict__ g_row, acc_t row_adjoint,
+                        acc_t* __restrict__ column_adjoint, acc_t* __restrict__ d_position, acc_t& row_sum,
+                        acc_t& d_node) {
+  acc_t sum = 0, node = 0;
+#pragma omp simd reduction(+ : sum, node)
+  for (int64_t r = 0; r < m; ++r) {
+    const acc_t entry = iterate_entry<LINEAR>(k_row, l0_row, r, u, column[r]);
+    acc_t w;
+    if constexpr (STEP == ReverseStep::kFinal) {
+      w = static_cast<acc_t>(g_row[r]) * entry;
+      column_adjoint[r] -= w;
+    } else if constexpr (STEP == ReverseStep::kColumn) {
+      w = column_adjoint[r] * entry;
+    } else {
+      w = row_adjoint * entry;
+      column_adjoint[r] -= w;
+    }
+    sum += w;
+    const acc_t folded = slope[r] * w;
+    node -= folded;
+    d_position[r] += folded;
+  }
+  row_sum += sum;
+  d_node += node;
+}
+
 // Reverse mode through the iterations of one matrix (docs/DESIGN.md), accumulating
 // d loss / d s_hat[node ii] into d_node and d loss / d s_hat_sorted[r] into d_position.
 template <bool LINEAR, typename scalar_t, typename acc_t>
 struct SinkhornAdjoint {
-  std::vector<acc_t> adjoint_row, adjoint_column, next_adjoint_column, d_node, d_position, weight;
+  std::vector<acc_t> adjoint_row, adjoint_column, next_adjoint_column, d_node, d_position, slope, initial_column;
 
   void run(const SinkhornWorkspace<acc_t>& work, const scalar_t* G, int64_t n, int64_t n_iter, acc_t inverse_tau) {
     const SortedScores<acc_t>& sorted = work.sorted;
     const int64_t m = sorted.m;
-    const acc_t* s = sorted.node_score.data();
-    const acc_t* t = sorted.position_score.data();
     adjoint_row.assign(m, acc_t(0));
     adjoint_column.assign(m, acc_t(0));
     next_adjoint_column.resize(m);
     d_node.assign(m, acc_t(0));
     d_position.assign(m, acc_t(0));
-    weight.resize(m);
+    initial_column.assign(m, work.initial_column());
+    // sign(s[ii] - t[r]) / tau, constant across iterations
+    slope.resize(m * m);
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const acc_t score = sorted.node_score[ii];
+      acc_t* slope_row = slope.data() + ii * m;
+      const acc_t* t = sorted.position_score.data();
+#pragma omp simd
+      for (int64_t r = 0; r < m; ++r) slope_row[r] = sign(score - t[r]) * inverse_tau;
+    }
     auto k_row = [&](int64_t ii) { return LINEAR ? work.K.data() + ii * m : nullptr; };
     auto l0_row = [&](int64_t ii) { return work.L0.data() + ii * m; };
-
-    // Folds an adjoint a(ii, r) of L0 into the score adjoints:
-    // dL0/ds[ii] = -sign(s[ii] - t[r]) / tau, dL0/dt[r] = +sign(...) / tau.
-    auto fold = [&](int64_t ii) {
-      const acc_t score = s[ii];
-      acc_t node_sum = 0;
-#pragma omp simd reduction(+ : node_sum)
-      for (int64_t r = 0; r < m; ++r) {
-        const acc_t slope = sign(score - t[r]) * inverse_tau * weight[r];
-        node_sum -= slope;
-        d_position[r] += slope;
-      }
-      d_node[ii] += node_sum;
-    };
+    auto slope_row = [&](int64_t ii) { return slope.data() + ii * m; };
+    acc_t* a_column = adjoint_column.data();
+    acc_t* a_next = next_adjoint_column.data();
+    acc_t* d_pos = d_position.data();
+    const scalar_t* no_grad = nullptr;
 
     // The output soft = entry(T): dL = G * soft.
     for (int64_t ii = 0; ii < m; ++ii) {
-      const scalar_t* g_row = G + sorted.real_nodes[ii] * n;
-      const acc_t u = work.row[ii];
-      acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-      for (int64_t r = 0; r < m; ++r) {
-        const acc_t value =
-            static_cast<acc_t>(g_row[r]) * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, work.column[r]);
-        weight[r] = value;
-        row_sum += value;
-        adjoint_column[r] -= value;
-      }
-      adjoint_row[ii] -= row_sum;
-      fold(ii);
+      reverse_row<ReverseStep::kFinal, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), work.row[ii],
+                                               work.column.data(), G + sorted.real_nodes[ii] * n,
+                                               acc_t(0), a_column, d_pos, adjoint_row[ii], d_node[ii]);
+      adjoint_row[ii] = -adjoint_row[ii];
     }
     for (int64_t step = n_iter - 1; step >= 0; --step) {
       const acc_t* row_t = work.history_row.data() + step * m;
       const acc_t* column_t = work.history_column.data() + step * m;
-      const acc_t* column_before = step > 0 ? work.history_column.data() + (step - 1) * m : nullptr;
-      // Column step: the column potentials normalize entry(t) = entry(row_t, column_t).
+      const acc_t* column_before = step > 0 ? work.history_column.data() + (step - 1) * m : initial_column.data();
+      // Column step: the column potentials normalize entry(row_t, column_t).
       for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t u = row_t[ii];
         acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t r = 0; r < m; ++r) {
-          const acc_t value = adjoint_column[r] * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, column_t[r]);
-          weight[r] = value;
-          row_sum += value;
-        }
+        reverse_row<ReverseStep::kColumn, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_t,
+                                                  no_grad, acc_t(0), a_column, d_pos, row_sum, d_node[ii]);
         adjoint_row[ii] -= row_sum;
-        fold(ii);
       }
       // Row step: the row potentials normalize entry(row_t, column_{t-1}), column_0 initial.
-      std::fill(next_adjoint_column.begin(), next_adjoint_column.end(), acc_t(0));
-      const acc_t initial = work.initial_column();
+      std::fill(a_next, a_next + m, acc_t(0));
       for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t u = row_t[ii];
-        const acc_t a = adjoint_row[ii];
-#pragma omp simd
-        for (int64_t r = 0; r < m; ++r) {
-          const acc_t v = column_before == nullptr ? initial : column_before[r];
-          const acc_t value = a * iterate_entry<LINEAR>(k_row(ii), l0_row(ii), r, u, v);
-          weight[r] = value;
-          next_adjoint_column[r] -= value;
-        }
-        fold(ii);
+        acc_t unused = 0;
+        reverse_row<ReverseStep::kRow, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_before,
+                                               no_grad, adjoint_row[ii], a_next, d_pos, unused, d_node[ii]);
       }
-      std::swap(adjoint_column, next_adjoint_column);
+      std::swap(a_column, a_next);
       std::fill(adjoint_row.begin(), adjoint_row.end(), acc_t(0));
     }
   }
@@ -431,46 +446,104 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
 
 // ---- permutation entropy ---------------------------------------------------------------------
 
-// Clamped entries a, column sums c and row sums w of one matrix over the real block.
+// One matrix gathered to its real m x m block: clamped entries a = max(S, 1e-12), where the
+// clamp passes gradient, and the reciprocal column and row sums.
 template <typename acc_t>
-struct EntropyTerms {
-  std::vector<acc_t> clamped, column_sum, row_sum;
-  std::vector<uint8_t> active;  // soft >= clamp on a real pair: where the clamp passes gradient
-  std::vector<uint8_t> real;
+struct EntropyBlock {
+  std::vector<int64_t> real_nodes;
+  std::vector<acc_t> clamped, active, inverse_column_sum, inverse_row_sum;
+  int64_t m = 0;
 
   template <typename scalar_t>
-  void compute(const scalar_t* soft, const bool* mask, int64_t n) {
-    clamped.assign(n * n, acc_t(0));
-    active.assign(n * n, 0);
-    column_sum.assign(n, acc_t(0));
-    row_sum.assign(n, acc_t(0));
-    real.resize(n);
-    for (int64_t i = 0; i < n; ++i) real[i] = mask == nullptr || mask[i];
+  void gather(const scalar_t* soft, const bool* mask, int64_t n) {
+    real_nodes.clear();
     for (int64_t i = 0; i < n; ++i) {
-      if (!real[i]) continue;
-      for (int64_t r = 0; r < n; ++r) {
-        if (!real[r]) continue;
-        const acc_t value = static_cast<acc_t>(soft[i * n + r]);
-        const acc_t kept = std::max(value, static_cast<acc_t>(kEntropyClamp));
-        clamped[i * n + r] = kept;
-        active[i * n + r] = value >= static_cast<acc_t>(kEntropyClamp);
-        column_sum[r] += kept;
-        row_sum[i] += kept;
-      }
+      if (mask == nullptr || mask[i]) real_nodes.push_back(i);
     }
+    m = static_cast<int64_t>(real_nodes.size());
+    clamped.resize(m * m);
+    active.resize(m * m);
+    inverse_row_sum.resize(m);
+    inverse_column_sum.assign(m, acc_t(0));
+    const acc_t floor = static_cast<acc_t>(kEntropyClamp);
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const scalar_t* source = soft + real_nodes[ii] * n;
+      acc_t* a = clamped.data() + ii * m;
+      acc_t* passes = active.data() + ii * m;
+      acc_t row_sum = 0;
+      for (int64_t rr = 0; rr < m; ++rr) {
+        const acc_t value = static_cast<acc_t>(source[real_nodes[rr]]);
+        a[rr] = std::max(value, floor);
+        passes[rr] = value >= floor ? acc_t(1) : acc_t(0);
+        row_sum += a[rr];
+        inverse_column_sum[rr] += a[rr];
+      }
+      inverse_row_sum[ii] = acc_t(1) / row_sum;
+    }
+    for (int64_t rr = 0; rr < m; ++rr) inverse_column_sum[rr] = acc_t(1) / inverse_column_sum[rr];
   }
 };
 
+// Hot loops as functions that are not inlined, so that the restrict qualifiers hold (gcc drops
+// them when it inlines) and the loops vectorize.
+
+// -sum_r [p l(p) + q l(q)] over one row, p = a / c[r], q = a / w, l(x) = max(log x, -100).
 template <typename acc_t>
-inline acc_t floored_log(acc_t p) {
-  return std::max(std::log(p), static_cast<acc_t>(kLogFloor));
+LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ inverse_c, acc_t inverse_w) {
+  const acc_t floor = static_cast<acc_t>(kLogFloor);
+  acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t rr = 0; rr < m; ++rr) {
+    const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
+    total -= p * std::max(fast_log(p), floor) + q * std::max(fast_log(q), floor);
+  }
+  return total;
 }
 
-// d(-p l(p))/dp = -(l(p) + [log p >= floor])
+// slope(x) = d(-x l(x))/dx = -(l(x) + [log x >= -100]) of one row's p and q entries; adds
+// slope(p) p to column_total[r] and returns sum_r slope(q) q.
 template <typename acc_t>
-inline acc_t entropy_slope(acc_t p) {
-  const acc_t log_p = std::log(p);
-  return -(std::max(log_p, static_cast<acc_t>(kLogFloor)) + (log_p >= static_cast<acc_t>(kLogFloor) ? 1 : 0));
+LPS_FAST_NOINLINE acc_t entropy_slopes_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ inverse_c,
+                                acc_t inverse_w, acc_t* __restrict__ p_slope, acc_t* __restrict__ q_slope,
+                                acc_t* __restrict__ column_total) {
+  const acc_t floor = static_cast<acc_t>(kLogFloor);
+  acc_t row_total = 0;
+#pragma omp simd reduction(+ : row_total)
+  for (int64_t rr = 0; rr < m; ++rr) {
+    const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
+    const acc_t log_p = fast_log(p), log_q = fast_log(q);
+    const acc_t slope_p = -(std::max(log_p, floor) + (log_p >= floor ? acc_t(1) : acc_t(0)));
+    const acc_t slope_q = -(std::max(log_q, floor) + (log_q >= floor ? acc_t(1) : acc_t(0)));
+    p_slope[rr] = slope_p;
+    q_slope[rr] = slope_q;
+    column_total[rr] += slope_p * p;
+    row_total += slope_q * q;
+  }
+  return row_total;
+}
+
+// d entropy / d S over one row, before the scatter back to node indices.
+template <typename acc_t>
+LPS_FAST_NOINLINE void entropy_gradient_row(int64_t m, const acc_t* __restrict__ passes, const acc_t* __restrict__ p_slope,
+                                 const acc_t* __restrict__ q_slope, const acc_t* __restrict__ column_mean,
+                                 const acc_t* __restrict__ inverse_c, acc_t row_mean, acc_t inverse_w, acc_t scale,
+                                 acc_t* __restrict__ out) {
+#pragma omp simd
+  for (int64_t rr = 0; rr < m; ++rr) {
+    const acc_t value = (p_slope[rr] - column_mean[rr]) * inverse_c[rr] + (q_slope[rr] - row_mean) * inverse_w;
+    out[rr] = scale * passes[rr] * value;
+  }
+}
+
+// Entropy of one gathered block (all its rows).
+template <typename acc_t>
+acc_t block_entropy(const EntropyBlock<acc_t>& block) {
+  const int64_t m = block.m;
+  acc_t total = 0;
+  for (int64_t ii = 0; ii < m; ++ii) {
+    total += entropy_row(m, block.clamped.data() + ii * m, block.inverse_column_sum.data(), block.inverse_row_sum[ii]);
+  }
+  return total;
 }
 
 template <typename scalar_t>
@@ -480,21 +553,11 @@ void entropy_forward_kernel(const at::Tensor& soft, const bool* mask_data, at::T
   const scalar_t* soft_data = soft.const_data_ptr<scalar_t>();
   std::vector<double> per_matrix(batch * k, 0.0);
   at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
-    EntropyTerms<acc_t> terms;
+    EntropyBlock<acc_t> block;
     for (int64_t matrix = begin; matrix < end; ++matrix) {
       const int64_t b = matrix / k;
-      terms.compute(soft_data + matrix * n * n, mask_data == nullptr ? nullptr : mask_data + b * n, n);
-      acc_t total = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!terms.real[i]) continue;
-        for (int64_t r = 0; r < n; ++r) {
-          if (!terms.real[r]) continue;
-          const acc_t a = terms.clamped[i * n + r];
-          const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
-          total -= p * floored_log(p) + q * floored_log(q);
-        }
-      }
-      per_matrix[matrix] = static_cast<double>(total);
+      block.gather(soft_data + matrix * n * n, mask_data == nullptr ? nullptr : mask_data + b * n, n);
+      per_matrix[matrix] = static_cast<double>(block_entropy(block));
     }
   });
   double result = 0;
@@ -517,38 +580,34 @@ void entropy_backward_kernel(const at::Tensor& grad, const at::Tensor& soft, con
   scalar_t* out_data = grad_soft.mutable_data_ptr<scalar_t>();
   const acc_t upstream = grad.item<acc_t>();
   at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
-    EntropyTerms<acc_t> terms;
-    std::vector<acc_t> column_mean, row_mean;  // sum_m g(p[m, r]) p[m, r], sum_s g(q[i, s]) q[i, s]
+    EntropyBlock<acc_t> block;
+    // slope(x) = d(-x l(x))/dx = -(l(x) + [log x >= -100]) for the column (p) and row (q) entries
+    std::vector<acc_t> column_slope, row_slope, column_mean, row_mean, weight;
     for (int64_t matrix = begin; matrix < end; ++matrix) {
       const int64_t b = matrix / k;
       const bool* mask = mask_data == nullptr ? nullptr : mask_data + b * n;
-      terms.compute(soft_data + matrix * n * n, mask, n);
-      const int64_t n_real = mask == nullptr ? n : std::count(mask, mask + n, true);
-      const acc_t scale = upstream / (static_cast<acc_t>(batch) * k * std::max<int64_t>(n_real, 1));
-      column_mean.assign(n, acc_t(0));
-      row_mean.assign(n, acc_t(0));
-      for (int64_t i = 0; i < n; ++i) {
-        if (!terms.real[i]) continue;
-        for (int64_t r = 0; r < n; ++r) {
-          if (!terms.real[r]) continue;
-          const acc_t a = terms.clamped[i * n + r];
-          const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
-          column_mean[r] += entropy_slope(p) * p;
-          row_mean[i] += entropy_slope(q) * q;
-        }
+      block.gather(soft_data + matrix * n * n, mask, n);
+      const int64_t m = block.m;
+      const acc_t scale = upstream / (static_cast<acc_t>(batch) * k * std::max<int64_t>(m, 1));
+      column_slope.resize(m * m);
+      row_slope.resize(m * m);
+      column_mean.assign(m, acc_t(0));  // sum_i slope(p[i, r]) p[i, r]
+      row_mean.resize(m);                // sum_r slope(q[i, r]) q[i, r]
+      weight.resize(m);
+      for (int64_t ii = 0; ii < m; ++ii) {
+        row_mean[ii] = entropy_slopes_row(m, block.clamped.data() + ii * m, block.inverse_column_sum.data(),
+                                          block.inverse_row_sum[ii], column_slope.data() + ii * m,
+                                          row_slope.data() + ii * m, column_mean.data());
       }
       scalar_t* out = out_data + matrix * n * n;
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t r = 0; r < n; ++r) {
-          acc_t value = 0;
-          if (terms.active[i * n + r]) {
-            const acc_t a = terms.clamped[i * n + r];
-            const acc_t p = a / terms.column_sum[r], q = a / terms.row_sum[i];
-            value = scale * ((entropy_slope(p) - column_mean[r]) / terms.column_sum[r] +
-                             (entropy_slope(q) - row_mean[i]) / terms.row_sum[i]);
-          }
-          out[i * n + r] = static_cast<scalar_t>(value);
-        }
+      std::fill(out, out + n * n, scalar_t(0));
+      const int64_t* nodes = block.real_nodes.data();
+      for (int64_t ii = 0; ii < m; ++ii) {
+        entropy_gradient_row(m, block.active.data() + ii * m, column_slope.data() + ii * m, row_slope.data() + ii * m,
+                             column_mean.data(), block.inverse_column_sum.data(), row_mean[ii],
+                             block.inverse_row_sum[ii], scale, weight.data());
+        scalar_t* out_row = out + nodes[ii] * n;
+        for (int64_t rr = 0; rr < m; ++rr) out_row[nodes[rr]] = static_cast<scalar_t>(weight[rr]);
       }
     }
   });
