@@ -1,6 +1,7 @@
 // CPU kernels of the frame family (SPEC section 2). Centering, the permutation gather or
-// scatter, the 3 x 3 rotation and the mean over samples are one pass over the data; channels
-// are innermost so the per-channel loops vectorize.
+// scatter, the 3 x 3 rotation and the mean over samples are one pass over the data. The
+// forward walks one sample's points in order (no index division per point) with the rotation
+// in registers; small channel counts are compile-time constants so the per-point loops unroll.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 
 #include "cpu/frame_cpu.h"
@@ -26,6 +27,102 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
+// out[b, j, r, m, c] = sum_a R[b, j, a, m] (x[b, p(r), a, c] - center[b, a, c]), one sample
+// (b, j) per item, C (or `channels`) channels per vector
+template <int C, typename scalar_t>
+void frame_apply_kernel(const scalar_t* x, const scalar_t* R, const int64_t* perm, const scalar_t* center,
+                        scalar_t* out, int64_t batch, int64_t k, int64_t n, int64_t runtime_channels) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = C > 0 ? C : runtime_channels;
+  const int64_t point_size = 3 * channels;
+  at::parallel_for(0, batch * k, grain_for(n * 3 * point_size), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(point_size);
+    for (int64_t sample = begin; sample < end; ++sample) {
+      const int64_t b = sample / k;
+      for (int64_t m = 0; m < point_size; ++m) {
+        shift[m] = center != nullptr ? static_cast<acc_t>(center[b * point_size + m]) : acc_t(0);
+      }
+      acc_t rotation[9];  // rotation[a * 3 + m] = R[a, m]
+      for (int e = 0; e < 9; ++e) rotation[e] = static_cast<acc_t>(R[sample * 9 + e]);
+      const scalar_t* graph = x + b * n * point_size;
+      const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+      scalar_t* target = out + sample * n * point_size;
+      for (int64_t r = 0; r < n; ++r, target += point_size) {
+        const scalar_t* point = graph + (sample_perm != nullptr ? sample_perm[r] : r) * point_size;
+        for (int64_t c = 0; c < channels; ++c) {
+          const acc_t v0 = static_cast<acc_t>(point[c]) - shift[c];
+          const acc_t v1 = static_cast<acc_t>(point[channels + c]) - shift[channels + c];
+          const acc_t v2 = static_cast<acc_t>(point[2 * channels + c]) - shift[2 * channels + c];
+          // (R^T v)[m] = sum_a R[a, m] v[a]
+          for (int m = 0; m < 3; ++m) {
+            target[m * channels + c] =
+                static_cast<scalar_t>(rotation[m] * v0 + rotation[3 + m] * v1 + rotation[6 + m] * v2);
+          }
+        }
+      }
+    }
+  });
+}
+
+// out[b, i, a, c] = sum_j sum_m R[b, j, a, m] y[b, j, q_j(i), m, c] / k + center[b, a, c], one
+// output node (b, i) per item
+template <int C, typename scalar_t>
+void frame_unapply_mean_kernel(const scalar_t* y, const scalar_t* R, const int64_t* position, const scalar_t* center,
+                               scalar_t* out, int64_t batch, int64_t k, int64_t n, int64_t runtime_channels) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = C > 0 ? C : runtime_channels;
+  const int64_t point_size = 3 * channels;
+  const acc_t samples = static_cast<acc_t>(k);
+  at::parallel_for(0, batch * n, grain_for(k * 3 * point_size), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(point_size);
+    int64_t b = begin / n;
+    int64_t i = begin - b * n;
+    for (int64_t row = begin; row < end; ++row, ++i) {
+      if (i == n) {
+        i = 0;
+        ++b;
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t sample = b * k + j;
+        const int64_t r = position != nullptr ? position[sample * n + i] : i;
+        const scalar_t* point = y + (sample * n + r) * point_size;
+        const scalar_t* rotation = R + sample * 9;
+        for (int a = 0; a < 3; ++a) {
+          // (R v)[a] = sum_m R[a, m] v[m]
+          const acc_t r0 = rotation[a * 3], r1 = rotation[a * 3 + 1], r2 = rotation[a * 3 + 2];
+          for (int64_t c = 0; c < channels; ++c) {
+            sum[a * channels + c] += r0 * static_cast<acc_t>(point[c]) + r1 * static_cast<acc_t>(point[channels + c]) +
+                                     r2 * static_cast<acc_t>(point[2 * channels + c]);
+          }
+        }
+      }
+      scalar_t* target = out + row * point_size;
+      for (int64_t m = 0; m < point_size; ++m) {
+        acc_t value = sum[m] / samples;
+        if (center != nullptr) value += static_cast<acc_t>(center[b * point_size + m]);
+        target[m] = static_cast<scalar_t>(value);
+      }
+    }
+  });
+}
+
+// Runs the statement with the constexpr int C set to the channel count when it is 1 to 4, else
+// 0 (run-time count), so that the per-point loops unroll.
+#define LPS_FAST_DISPATCH_CHANNELS(channels, C, ...)       \
+  switch (channels) {                                      \
+    case 1: { constexpr int C = 1; __VA_ARGS__; break; }   \
+    case 2: { constexpr int C = 2; __VA_ARGS__; break; }   \
+    case 3: { constexpr int C = 3; __VA_ARGS__; break; }   \
+    case 4: { constexpr int C = 4; __VA_ARGS__; break; }   \
+    default: { constexpr int C = 0; __VA_ARGS__; break; }  \
+  }
+
+template <typename scalar_t>
+const scalar_t* optional_data(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
 }  // namespace
 
 at::Tensor frame_apply(const at::Tensor& x, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
@@ -38,37 +135,11 @@ at::Tensor frame_apply(const at::Tensor& x, const at::Tensor& R, const c10::opti
     perm_data = perm->const_data_ptr<int64_t>();
     invert_permutations(perm_data, batch * k, k, n, nullptr);
   }
-  const int64_t point_size = 3 * channels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* R_data = R.const_data_ptr<scalar_t>();
-    const scalar_t* center_data = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * k * n, grain_for(3 * point_size), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> centered(point_size);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t sample = row / n;  // b * k + j
-        const int64_t b = sample / k, r = row % n;
-        const int64_t node = perm_data != nullptr ? perm_data[row] : r;
-        const scalar_t* point = x_data + (b * n + node) * point_size;
-        for (int64_t m = 0; m < point_size; ++m) {
-          acc_t value = static_cast<acc_t>(point[m]);
-          if (center_data != nullptr) value -= static_cast<acc_t>(center_data[b * point_size + m]);
-          centered[m] = value;
-        }
-        const scalar_t* rotation = R_data + sample * 9;  // rotation[a * 3 + m] = R[a, m]
-        scalar_t* target = out_data + row * point_size;
-        for (int64_t m = 0; m < 3; ++m) {
-          // (R^T v)[m] = sum_a R[a, m] v[a]
-          const acc_t r0 = rotation[m], r1 = rotation[3 + m], r2 = rotation[6 + m];
-          for (int64_t c = 0; c < channels; ++c) {
-            target[m * channels + c] = static_cast<scalar_t>(
-                r0 * centered[c] + r1 * centered[channels + c] + r2 * centered[2 * channels + c]);
-          }
-        }
-      }
-    });
+    LPS_FAST_DISPATCH_CHANNELS(channels, C,
+                               frame_apply_kernel<C>(x.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
+                                                     perm_data, optional_data<scalar_t>(center),
+                                                     out.mutable_data_ptr<scalar_t>(), batch, k, n, channels));
   });
   return out;
 }
@@ -79,47 +150,14 @@ at::Tensor frame_unapply_mean(const at::Tensor& y, const at::Tensor& R, const c1
   at::Tensor out = at::empty({batch, n, 3, channels}, y.options());
   if (out.numel() == 0) return out;
   at::Tensor inverse;
-  const int64_t* position = nullptr;
-  if (perm.has_value()) {
-    inverse = inverse_permutation(*perm);
-    position = inverse.const_data_ptr<int64_t>();
-  }
-  const int64_t point_size = 3 * channels;
+  if (perm.has_value()) inverse = inverse_permutation(*perm);
+  const int64_t* position = inverse.defined() ? inverse.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "frame_unapply_mean_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-    const scalar_t* R_data = R.const_data_ptr<scalar_t>();
-    const scalar_t* center_data = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const acc_t samples = static_cast<acc_t>(k);
-    at::parallel_for(0, batch * n, grain_for(k * 3 * point_size), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(point_size);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / n, i = row % n;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t sample = b * k + j;
-          const int64_t r = position != nullptr ? position[sample * n + i] : i;
-          const scalar_t* point = y_data + (sample * n + r) * point_size;
-          const scalar_t* rotation = R_data + sample * 9;
-          for (int64_t a = 0; a < 3; ++a) {
-            // (R v)[a] = sum_m R[a, m] v[m]
-            const acc_t r0 = rotation[a * 3], r1 = rotation[a * 3 + 1], r2 = rotation[a * 3 + 2];
-            for (int64_t c = 0; c < channels; ++c) {
-              sum[a * channels + c] += r0 * static_cast<acc_t>(point[c]) +
-                                       r1 * static_cast<acc_t>(point[channels + c]) +
-                                       r2 * static_cast<acc_t>(point[2 * channels + c]);
-            }
-          }
-        }
-        scalar_t* target = out_data + row * point_size;
-        for (int64_t m = 0; m < point_size; ++m) {
-          acc_t value = sum[m] / samples;
-          if (center_data != nullptr) value += static_cast<acc_t>(center_data[b * point_size + m]);
-          target[m] = static_cast<scalar_t>(value);
-        }
-      }
-    });
+    LPS_FAST_DISPATCH_CHANNELS(channels, C,
+                               frame_unapply_mean_kernel<C>(y.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
+                                                            position, optional_data<scalar_t>(center),
+                                                            out.mutable_data_ptr<scalar_t>(), batch, k, n,
+                                                            channels));
   });
   return out;
 }

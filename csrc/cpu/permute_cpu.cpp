@@ -1,10 +1,13 @@
 // CPU kernels of the permutation family (SPEC section 2).
 //
-// The gathers copy raw elements, so they serve every dtype through one instantiation per
-// element size. The scatter-means never scatter: they invert each sample's permutation once
-// (O(n), which also validates it) and then gather-and-sum over the k samples, so every output
-// row is written by exactly one thread, deterministically, accumulating in float (double for
-// double inputs).
+// The gathers copy raw bytes, so they serve every dtype: a node row or an edge cell is copied as
+// one fixed-size block when its size is a power of two up to 64 bytes (a few register moves),
+// and with memcpy otherwise. The scatter-means never scatter: they invert each sample's
+// permutation once (O(n), which also validates it) and then gather-and-sum over the k samples,
+// so every output row is written by exactly one thread, deterministically, accumulating in float
+// (double for double inputs); small feature counts are compile-time constants so the inner loops
+// unroll. Loops walk (b, j, r) with counters rather than dividing flat indices: a 64-bit
+// division per row costs more than the row's copy.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 
 #include "cpu/permute_cpu.h"
@@ -16,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -31,79 +35,189 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
-template <typename element_t>
-inline void copy_elements(const element_t* from, element_t* to, int64_t count) {
-  if (count == 1) {
-    *to = *from;
+// A block of BYTES bytes copied by value; BYTES = 0 means "size known at run time" (memcpy).
+template <int BYTES>
+struct Block {
+  unsigned char bytes[BYTES];
+};
+
+template <int BYTES>
+inline void copy_block(const unsigned char* from, unsigned char* to, int64_t bytes) {
+  if constexpr (BYTES == 0) {
+    std::memcpy(to, from, bytes);
   } else {
-    std::memcpy(to, from, count * sizeof(element_t));
+    Block<BYTES> block;
+    std::memcpy(&block, from, BYTES);  // fixed size: compiles to register moves
+    std::memcpy(to, &block, BYTES);
   }
 }
 
-// out[b, j, r, :] = x[b, perm[b, j, r], :]   x: [B, n, F], out: [B, k, n, F]
-template <typename element_t>
-void gather_nodes(const element_t* x, const int64_t* perm, element_t* out, int64_t batch, int64_t k, int64_t n,
-                  int64_t features) {
-  at::parallel_for(0, batch * k * n, grain_for(features), [&](int64_t begin, int64_t end) {
+// target[s] = source[index[s]] for s < n (not inlined, so that restrict holds and it vectorizes)
+template <typename word_t>
+__attribute__((noinline)) void gather_words(const word_t* __restrict__ source, const int64_t* __restrict__ index,
+                                            word_t* __restrict__ target, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) target[s] = source[index[s]];
+}
+
+// out[b, j, r] = x[b, perm[b, j, r]] with node rows of `row_bytes` bytes
+template <int BYTES>
+void gather_nodes(const unsigned char* x, const int64_t* perm, unsigned char* out, int64_t batch, int64_t k,
+                  int64_t n, int64_t row_bytes) {
+  const int64_t rows_per_graph = k * n;
+  at::parallel_for(0, batch * rows_per_graph, grain_for(row_bytes / 4 + 1), [&](int64_t begin, int64_t end) {
+    int64_t b = begin / rows_per_graph;
+    const unsigned char* graph = x + b * n * row_bytes;
+    int64_t left = (b + 1) * rows_per_graph - begin;  // rows of graph b still to do
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (k * n);
-      copy_elements(x + (b * n + perm[row]) * features, out + row * features, features);
+      if (left == 0) {
+        ++b;
+        graph += n * row_bytes;
+        left = rows_per_graph;
+      }
+      --left;
+      copy_block<BYTES>(graph + perm[row] * row_bytes, out + row * row_bytes, row_bytes);
     }
   });
 }
 
-// out[b, j, r, s, :] = e[b, perm[r], perm[s], :]   e: [B, n, n, F], out: [B, k, n, n, F]
-template <typename element_t>
-void gather_edges(const element_t* e, const int64_t* perm, element_t* out, int64_t batch, int64_t k, int64_t n,
-                  int64_t features) {
-  const int64_t row_size = n * features;
-  at::parallel_for(0, batch * k * n, grain_for(row_size), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t sample = row / n;  // b * k + j
+// out[b, j, r, s] = e[b, perm[r], perm[s]] with edge cells of `cell_bytes` bytes; one output
+// row (b, j, r) per item
+template <int BYTES>
+void gather_edges(const unsigned char* e, const int64_t* perm, unsigned char* out, int64_t batch, int64_t k,
+                  int64_t n, int64_t cell_bytes) {
+  const int64_t row_bytes = n * cell_bytes;
+  at::parallel_for(0, batch * k * n, grain_for(row_bytes / 4 + 1), [&](int64_t begin, int64_t end) {
+    int64_t sample = begin / n;  // b * k + j
+    int64_t r = begin - sample * n;
+    for (int64_t row = begin; row < end; ++row, ++r) {
+      if (r == n) {
+        r = 0;
+        ++sample;
+      }
       const int64_t b = sample / k;
       const int64_t* sample_perm = perm + sample * n;
-      const element_t* source = e + (b * n + perm[row]) * row_size;
-      element_t* target = out + row * row_size;
-      if (features == 1) {
-        for (int64_t s = 0; s < n; ++s) target[s] = source[sample_perm[s]];
+      const unsigned char* source = e + (b * n + sample_perm[r]) * row_bytes;
+      unsigned char* target = out + row * row_bytes;
+      if constexpr (BYTES == 4 || BYTES == 8) {
+        // One word per cell: a typed gather that the compiler turns into vector gathers.
+        using word_t = std::conditional_t<BYTES == 4, uint32_t, uint64_t>;
+        gather_words(reinterpret_cast<const word_t*>(source), sample_perm, reinterpret_cast<word_t*>(target), n);
       } else {
         for (int64_t s = 0; s < n; ++s) {
-          std::memcpy(target + s * features, source + sample_perm[s] * features, features * sizeof(element_t));
+          copy_block<BYTES>(source + sample_perm[s] * cell_bytes, target + s * cell_bytes, cell_bytes);
         }
       }
     }
   });
 }
 
-// Runs `kernel<element_t>` with an unsigned type of the element size of `t` (dtype-agnostic copy).
-template <template <typename> class Kernel, typename... Args>
-void dispatch_by_element_size(const at::Tensor& t, const char* name, Args&&... args) {
-  switch (t.element_size()) {
-    case 1: Kernel<uint8_t>::run(std::forward<Args>(args)...); break;
-    case 2: Kernel<uint16_t>::run(std::forward<Args>(args)...); break;
-    case 4: Kernel<uint32_t>::run(std::forward<Args>(args)...); break;
-    case 8: Kernel<uint64_t>::run(std::forward<Args>(args)...); break;
-    default: TORCH_CHECK_TYPE(false, name, " of dtype ", t.scalar_type(), " is not supported");
+// Runs the statement with the constexpr int BYTES set to the block size when it is a power of
+// two up to 64, else 0 (memcpy). (A macro rather than a templated lambda: the extension also
+// builds as C++17.)
+#define LPS_FAST_DISPATCH_BLOCK_SIZE(bytes, BYTES, ...)          \
+  switch (bytes) {                                               \
+    case 1: { constexpr int BYTES = 1; __VA_ARGS__; break; }     \
+    case 2: { constexpr int BYTES = 2; __VA_ARGS__; break; }     \
+    case 4: { constexpr int BYTES = 4; __VA_ARGS__; break; }     \
+    case 8: { constexpr int BYTES = 8; __VA_ARGS__; break; }     \
+    case 16: { constexpr int BYTES = 16; __VA_ARGS__; break; }   \
+    case 32: { constexpr int BYTES = 32; __VA_ARGS__; break; }   \
+    case 64: { constexpr int BYTES = 64; __VA_ARGS__; break; }   \
+    default: { constexpr int BYTES = 0; __VA_ARGS__; break; }    \
+  }
+
+// Runs the statement with the constexpr int F set to the feature count when it is 1, 2, 3, 4
+// or 8, else 0 (run-time count), so that per-cell loops unroll.
+#define LPS_FAST_DISPATCH_FEATURES(features, F, ...)           \
+  switch (features) {                                          \
+    case 1: { constexpr int F = 1; __VA_ARGS__; break; }       \
+    case 2: { constexpr int F = 2; __VA_ARGS__; break; }       \
+    case 3: { constexpr int F = 3; __VA_ARGS__; break; }       \
+    case 4: { constexpr int F = 4; __VA_ARGS__; break; }       \
+    case 8: { constexpr int F = 8; __VA_ARGS__; break; }       \
+    default: { constexpr int F = 0; __VA_ARGS__; break; }      \
+  }
+
+// out[b, i] = sum_j y[b, j, q_j(i)] / k, rows of F (or `features`) elements
+template <int F, typename scalar_t>
+void scatter_mean_nodes(const scalar_t* y, const int64_t* position, scalar_t* out, int64_t batch, int64_t k,
+                        int64_t n, int64_t runtime_features) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t features = F > 0 ? F : runtime_features;
+  const acc_t samples = static_cast<acc_t>(k);
+  at::parallel_for(0, batch * n, grain_for(k * features), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(features);
+    int64_t b = begin / n;
+    int64_t i = begin - b * n;
+    for (int64_t row = begin; row < end; ++row, ++i) {
+      if (i == n) {
+        i = 0;
+        ++b;
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t sample = b * k + j;
+        const scalar_t* from = y + (sample * n + position[sample * n + i]) * features;
+        for (int64_t f = 0; f < features; ++f) sum[f] += static_cast<acc_t>(from[f]);
+      }
+      scalar_t* to = out + row * features;
+      for (int64_t f = 0; f < features; ++f) to[f] = static_cast<scalar_t>(sum[f] / samples);
+    }
+  });
+}
+
+// into[p[s], :] += row[s, :] for s < n: the input row is read in order (the prefetcher streams
+// it from memory) and scattered into the accumulator row, which stays in L1. Not inlined: gcc
+// drops the restrict qualifiers of inlined parameters.
+template <int F, typename scalar_t, typename acc_t>
+__attribute__((noinline)) void accumulate_scattered_row(const scalar_t* __restrict__ row,
+                                                        const int64_t* __restrict__ p, acc_t* __restrict__ into,
+                                                        int64_t n, int64_t runtime_features) {
+  const int64_t features = F > 0 ? F : runtime_features;
+  for (int64_t s = 0; s < n; ++s) {
+    const scalar_t* __restrict__ from = row + s * features;
+    acc_t* __restrict__ cell = into + p[s] * features;
+    for (int64_t f = 0; f < features; ++f) cell[f] += static_cast<acc_t>(from[f]);
   }
 }
 
-template <typename element_t>
-struct GatherNodes {
-  static void run(const at::Tensor& x, const at::Tensor& perm, at::Tensor& out, int64_t features) {
-    gather_nodes<element_t>(static_cast<const element_t*>(x.const_data_ptr()), perm.const_data_ptr<int64_t>(),
-                            static_cast<element_t*>(out.mutable_data_ptr()), perm.size(0), perm.size(1),
-                            perm.size(2), features);
-  }
-};
-
-template <typename element_t>
-struct GatherEdges {
-  static void run(const at::Tensor& e, const at::Tensor& perm, at::Tensor& out, int64_t features) {
-    gather_edges<element_t>(static_cast<const element_t*>(e.const_data_ptr()), perm.const_data_ptr<int64_t>(),
-                            static_cast<element_t*>(out.mutable_data_ptr()), perm.size(0), perm.size(1),
-                            perm.size(2), features);
-  }
-};
+// out[b, i, p(s)] = sum_j y[b, j, q(i), s] / k (one output row (b, i) per item); DIAGONAL:
+// out[b, i] = sum_j y[b, j, q(i), q(i)] / k
+template <int F, bool DIAGONAL, typename scalar_t>
+void scatter_mean_edges(const scalar_t* y, const int64_t* perm, const int64_t* position, scalar_t* out,
+                        int64_t batch, int64_t k, int64_t n, int64_t runtime_features) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t features = F > 0 ? F : runtime_features;
+  const int64_t row_size = n * features;
+  const int64_t out_row_size = DIAGONAL ? features : row_size;
+  const acc_t samples = static_cast<acc_t>(k);
+  at::parallel_for(0, batch * n, grain_for(k * out_row_size), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(out_row_size);
+    int64_t b = begin / n;
+    int64_t i = begin - b * n;
+    for (int64_t row = begin; row < end; ++row, ++i) {
+      if (i == n) {
+        i = 0;
+        ++b;
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      acc_t* into = sum.data();
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t sample = b * k + j;
+        const int64_t* q = position + sample * n;
+        const scalar_t* from_row = y + (sample * n + q[i]) * row_size;
+        if constexpr (DIAGONAL) {
+          const scalar_t* from = from_row + q[i] * features;
+          for (int64_t f = 0; f < features; ++f) into[f] += static_cast<acc_t>(from[f]);
+        } else {
+          accumulate_scattered_row<F>(from_row, perm + sample * n, into, n, features);
+        }
+      }
+      scalar_t* to = out + row * out_row_size;
+      for (int64_t m = 0; m < out_row_size; ++m) to[m] = static_cast<scalar_t>(into[m] / samples);
+    }
+  });
+}
 
 }  // namespace
 
@@ -135,7 +249,12 @@ at::Tensor permute_nodes(const at::Tensor& x, const at::Tensor& perm) {
   at::Tensor out = at::empty(sampled_shape(x, k), x.options());
   if (out.numel() == 0) return out;
   invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);
-  dispatch_by_element_size<GatherNodes>(x, "x", x, perm, out, feature_size(x, 2));
+  const int64_t row_bytes = feature_size(x, 2) * x.element_size();
+  const auto* source = static_cast<const unsigned char*>(x.const_data_ptr());
+  auto* target = static_cast<unsigned char*>(out.mutable_data_ptr());
+  LPS_FAST_DISPATCH_BLOCK_SIZE(row_bytes, BYTES,
+                               gather_nodes<BYTES>(source, perm.const_data_ptr<int64_t>(), target, batch, k, n,
+                                                   row_bytes));
   return out;
 }
 
@@ -144,7 +263,12 @@ at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm) {
   at::Tensor out = at::empty(sampled_shape(e, k), e.options());
   if (out.numel() == 0) return out;
   invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);
-  dispatch_by_element_size<GatherEdges>(e, "e", e, perm, out, feature_size(e, 3));
+  const int64_t cell_bytes = feature_size(e, 3) * e.element_size();
+  const auto* source = static_cast<const unsigned char*>(e.const_data_ptr());
+  auto* target = static_cast<unsigned char*>(out.mutable_data_ptr());
+  LPS_FAST_DISPATCH_BLOCK_SIZE(cell_bytes, BYTES,
+                               gather_edges<BYTES>(source, perm.const_data_ptr<int64_t>(), target, batch, k, n,
+                                                   cell_bytes));
   return out;
 }
 
@@ -154,26 +278,10 @@ at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) {
   at::Tensor out = at::empty(averaged_shape(y), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
-  const int64_t* position = inverse.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_mean_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* source = y.const_data_ptr<scalar_t>();
-    scalar_t* target = out.mutable_data_ptr<scalar_t>();
-    // out[b, i, :] = sum_j y[b, j, q_j(i), :] / k with q_j the inverse of perm[b, j]
-    at::parallel_for(0, batch * n, grain_for(k * features), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(features);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / n, i = row % n;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t sample = b * k + j;
-          const scalar_t* from = source + (sample * n + position[sample * n + i]) * features;
-          for (int64_t f = 0; f < features; ++f) sum[f] += static_cast<acc_t>(from[f]);
-        }
-        scalar_t* to = target + row * features;
-        for (int64_t f = 0; f < features; ++f) to[f] = static_cast<scalar_t>(sum[f] / static_cast<acc_t>(k));
-      }
-    });
+    LPS_FAST_DISPATCH_FEATURES(features, F,
+                               scatter_mean_nodes<F>(y.const_data_ptr<scalar_t>(), inverse.const_data_ptr<int64_t>(),
+                                                     out.mutable_data_ptr<scalar_t>(), batch, k, n, features));
   });
   return out;
 }
@@ -184,56 +292,18 @@ at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, boo
   at::Tensor out = at::empty(averaged_edge_shape(y, diagonal), y.options());
   if (out.numel() == 0) return out;
   const at::Tensor inverse = inverse_permutation(perm);
-  const int64_t* position = inverse.const_data_ptr<int64_t>();
-  const int64_t row_size = n * features;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_edges_mean_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* source = y.const_data_ptr<scalar_t>();
+    const int64_t* position = inverse.const_data_ptr<int64_t>();
+    const int64_t* perm_data = perm.const_data_ptr<int64_t>();
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
-    const acc_t samples = static_cast<acc_t>(k);
     if (diagonal) {
-      // out[b, i, :] = sum_j y[b, j, q(i), q(i), :] / k: O(k n F)
-      at::parallel_for(0, batch * n, grain_for(k * features), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> sum(features);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t b = row / n, i = row % n;
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t sample = b * k + j;
-            const int64_t q = position[sample * n + i];
-            const scalar_t* from = source + ((sample * n + q) * n + q) * features;
-            for (int64_t f = 0; f < features; ++f) sum[f] += static_cast<acc_t>(from[f]);
-          }
-          scalar_t* to = target + row * features;
-          for (int64_t f = 0; f < features; ++f) to[f] = static_cast<scalar_t>(sum[f] / samples);
-        }
-      });
-      return;
+      LPS_FAST_DISPATCH_FEATURES(features, F,
+                                 scatter_mean_edges<F, true>(source, perm_data, position, target, batch, k, n, features));
+    } else {
+      LPS_FAST_DISPATCH_FEATURES(features, F,
+                                 scatter_mean_edges<F, false>(source, perm_data, position, target, batch, k, n, features));
     }
-    // out[b, i, u, :] = sum_j y[b, j, q(i), q(u), :] / k: one output row (b, i) per item
-    at::parallel_for(0, batch * n, grain_for(k * row_size), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(row_size);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / n, i = row % n;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t sample = b * k + j;
-          const int64_t* q = position + sample * n;
-          const scalar_t* from_row = source + (sample * n + q[i]) * row_size;
-          if (features == 1) {
-            for (int64_t u = 0; u < n; ++u) sum[u] += static_cast<acc_t>(from_row[q[u]]);
-          } else {
-            for (int64_t u = 0; u < n; ++u) {
-              const scalar_t* from = from_row + q[u] * features;
-              acc_t* into = sum.data() + u * features;
-              for (int64_t f = 0; f < features; ++f) into[f] += static_cast<acc_t>(from[f]);
-            }
-          }
-        }
-        scalar_t* to = target + row * row_size;
-        for (int64_t m = 0; m < row_size; ++m) to[m] = static_cast<scalar_t>(sum[m] / samples);
-      }
-    });
   });
   return out;
 }
