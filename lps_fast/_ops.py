@@ -142,37 +142,46 @@ def _flat_features(t: torch.Tensor, leading: int) -> torch.Tensor:
     return t.reshape(*t.shape[:leading], -1)
 
 
+def _shared_left_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[b, j, i, r] = <a[b, i], b[b, j, r]>`` for a: [B, n, D] shared by the k samples of
+    b: [B, k, n, D]: one bmm per graph with the samples folded into the GEMM's N dimension, so
+    ``a`` is never copied k times."""
+    batch, k, n, depth = b.shape
+    product = torch.bmm(a, b.reshape(batch, k * n, depth).transpose(1, 2))  # [B, n, k * n]
+    return product.view(batch, a.shape[1], k, n).transpose(1, 2)  # [B, k, n, n]
+
+
 def _node_soft_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``dS[b, j, i, r] = <a[b, i], b[b, j, r]>`` as one batched GEMM (a: [B, n, *F], b: [B, k, n, *F])."""
-    a_flat = _flat_features(a, 2)  # [B, n, F]
-    b_flat = _flat_features(b, 3)  # [B, k, n, F]
-    return torch.matmul(a_flat[:, None], b_flat.transpose(-1, -2))  # [B, k, n, n]
+    """``dS[b, j, i, r] = <a[b, i], b[b, j, r]>`` (a: [B, n, *F], b: [B, k, n, *F])."""
+    return _shared_left_gemm(_flat_features(a, 2), _flat_features(b, 3).contiguous())
 
 
-def _gather_columns(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``out[b, j, i, s] = a[b, i, perm[b, j, s]]`` for a: [B, n, n, F] -> [B, k, n, n, F]."""
-    batch, k, n = perm.shape
-    features = a.shape[-1]
-    index = perm[:, :, None, :, None].expand(batch, k, n, n, features)
-    return torch.gather(a[:, None].expand(batch, k, n, n, features), 3, index)
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inverse[b, j, perm[b, j, r]] = r``: the position of each node, in O(n)."""
+    positions = torch.arange(perm.shape[-1], device=perm.device).expand(perm.shape)
+    return torch.empty_like(perm).scatter_(-1, perm, positions)
 
 
-def _edge_soft_grad(a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _edge_soft_grad(ops: "OpSet", a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``dS[i, r] = sum_s <a[i, p(s)], b[r, s]> + sum_s <a[p(s), i], b[s, r]>`` per sample.
 
-    ``a``: [B, n, n, *F] (shared by the samples), ``b``: [B, k, n, n, *F]. Each term is one GEMM
-    over (s, F) of column-gathered ``a`` against ``b``; the second uses both transposed.
+    ``a``: [B, n, n, *F] (shared by the samples), ``b``: [B, k, n, n, *F]. With u = p(s) and
+    q = p^-1 the terms read ``sum_u <a[i, u], b[r, q(u)]>`` and ``sum_u <a[u, i], b[q(u), r]>``.
+    Both come from one pass of the provider's permute_edges kernel, P[r', u] = b[q(r'), q(u)]
+    (each sample's own matrix permuted by its inverse), two GEMMs against ``a`` and ``a^T`` shared
+    by the samples, and a gather of the small [B, k, n, n] result at r' = p(r).
     """
     batch, k, n = perm.shape
     a = a.reshape(batch, n, n, -1)
-    b = b.reshape(batch, k, n, n, -1)
     features = a.shape[-1]
-    direct = _gather_columns(a, perm).reshape(batch, k, n, n * features)
-    transposed = _gather_columns(a.transpose(1, 2), perm).reshape(batch, k, n, n * features)
-    b_direct = b.reshape(batch, k, n, n * features)
-    b_transposed = b.transpose(2, 3).reshape(batch, k, n, n * features)
-    grad = torch.matmul(direct, b_direct.transpose(-1, -2))
-    return grad + torch.matmul(transposed, b_transposed.transpose(-1, -2))
+    inverse = _inverse_permutation(perm)
+    permuted = ops.permute_edges(
+        b.reshape(batch * k, n, n, features), inverse.reshape(batch * k, 1, n), None
+    ).reshape(batch, k, n, n * features)
+    product = _shared_left_gemm(a.reshape(batch, n, n * features), permuted)
+    permuted_t = permuted.reshape(batch, k, n, n, features).transpose(2, 3).reshape(batch, k, n, n * features)
+    product = product + _shared_left_gemm(a.transpose(1, 2).reshape(batch, n, n * features), permuted_t)
+    return torch.gather(product, 3, perm[:, :, None, :].expand(batch, k, n, n))
 
 
 def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -185,7 +194,7 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     G = G.reshape(batch, n, -1)  # [B, n, F]
     y = y.reshape(batch, k, n, n, -1)
     features = G.shape[-1]
-    inverse = torch.argsort(perm, dim=-1)  # [B, k, n]: position of node i
+    inverse = _inverse_permutation(perm)  # [B, k, n]: position of node i
     index = inverse[:, :, None, :, None].expand(batch, k, n, n, features)
     by_column = torch.gather(y, 3, index)  # [b, j, r, i] = y[r, q(i)]
     by_row = torch.gather(y.transpose(2, 3), 3, index)  # [b, j, r, i] = y[q(i), r]
@@ -269,7 +278,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
         if needs[0]:
             grad_e = ops.unpermute_edges_mean(grad, perm, None, False) * ctx.k
         if needs[2]:
-            grad_soft = _edge_soft_grad(e, grad, perm).to(ctx.soft_dtype)
+            grad_soft = _edge_soft_grad(ops, e, grad, perm).to(ctx.soft_dtype)
         return grad_e, None, grad_soft
 
     register("permute_edges", backward_permute_edges, setup_permute_edges)
@@ -300,7 +309,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
             if ctx.diagonal:
                 grad_soft = _diagonal_soft_grad(scaled, y, perm)
             else:
-                grad_soft = _edge_soft_grad(scaled, y, perm)
+                grad_soft = _edge_soft_grad(ops, scaled, y, perm)
             grad_soft = grad_soft.to(ctx.soft_dtype)
         return grad_y, None, grad_soft, None
 

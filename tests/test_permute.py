@@ -24,6 +24,15 @@ SHAPES = [
 DTYPES = [torch.float32, torch.float64]
 
 
+def soft_grad_tolerance(dtype, with_soft, contraction):
+    """The soft gradient is a reduction over ``contraction`` products (n F for edges): float32
+    sums of that length differ by ~eps sqrt(length) times the partial sums between two orders."""
+    if not with_soft or dtype != torch.float32:
+        return {}
+    scale = 1e-5 * max(1.0, contraction ** 0.5)
+    return {"grad_atol": scale, "grad_rtol": scale}
+
+
 def shape_id(shape):
     batch, k, n, features = shape
     return f"B{batch}-k{k}-n{n}-F{'x'.join(map(str, features)) or 'none'}"
@@ -66,7 +75,9 @@ def test_permute_edges(cpu_backend, shape, dtype, with_soft):
     perm = random_perm(batch, k, n)
     e = torch.randn(batch, n, n, *features, dtype=dtype, requires_grad=True)
     soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
-    compare_backends("permute_edges", [e, perm, soft], cpu_backend, exact_forward=True)
+    features_size = int(torch.tensor(features).prod()) if features else 1
+    compare_backends("permute_edges", [e, perm, soft], cpu_backend, exact_forward=True,
+                     **soft_grad_tolerance(dtype, with_soft, n * features_size))
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diagonal"])
@@ -78,7 +89,9 @@ def test_unpermute_edges_mean(cpu_backend, shape, dtype, with_soft, diagonal):
     perm = random_perm(batch, k, n)
     y = torch.randn(batch, k, n, n, *features, dtype=dtype, requires_grad=True)
     soft = random_soft(batch, k, n, dtype=dtype).requires_grad_() if with_soft else None
-    compare_backends("unpermute_edges_mean", [y, perm, soft, diagonal], cpu_backend)
+    features_size = int(torch.tensor(features).prod()) if features else 1
+    compare_backends("unpermute_edges_mean", [y, perm, soft, diagonal], cpu_backend,
+                     **soft_grad_tolerance(dtype, with_soft, n * features_size))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
