@@ -258,6 +258,12 @@ void write_soft(const SinkhornWorkspace<acc_t>& work, scalar_t* out, int64_t n) 
   }
 }
 
+// Matrices per parallel chunk: one for large matrices, more for tiny ones, so that a batch of
+// small problems does not pay a thread hand-off per matrix.
+int64_t matrices_per_chunk(int64_t n, int64_t passes) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(n * n * passes, 1));
+}
+
 template <typename scalar_t>
 void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_iter, const bool* mask_data,
                              at::Tensor& soft, at::Tensor& perm) {
@@ -266,7 +272,7 @@ void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_ite
   const scalar_t* score_data = scores.const_data_ptr<scalar_t>();
   scalar_t* soft_data = soft.mutable_data_ptr<scalar_t>();
   int64_t* perm_data = perm.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * k, matrices_per_chunk(n, n_iter + 1), [&](int64_t begin, int64_t end) {
     SinkhornWorkspace<acc_t> work;
     for (int64_t matrix = begin; matrix < end; ++matrix) {
       const int64_t b = matrix / k;
@@ -394,7 +400,7 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
   const scalar_t* grad_data = grad_soft.const_data_ptr<scalar_t>();
   scalar_t* out_data = grad_scores.mutable_data_ptr<scalar_t>();
   const acc_t inverse_tau = acc_t(1) / static_cast<acc_t>(tau);
-  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * k, matrices_per_chunk(n, 3 * (n_iter + 1)), [&](int64_t begin, int64_t end) {
     SinkhornWorkspace<acc_t> work;
     SinkhornAdjoint<true, scalar_t, acc_t> linear_adjoint;
     SinkhornAdjoint<false, scalar_t, acc_t> log_adjoint;
@@ -552,7 +558,7 @@ void entropy_forward_kernel(const at::Tensor& soft, const bool* mask_data, at::T
   const int64_t batch = soft.size(0), k = soft.size(1), n = soft.size(2);
   const scalar_t* soft_data = soft.const_data_ptr<scalar_t>();
   std::vector<double> per_matrix(batch * k, 0.0);
-  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * k, matrices_per_chunk(n, 2), [&](int64_t begin, int64_t end) {
     EntropyBlock<acc_t> block;
     for (int64_t matrix = begin; matrix < end; ++matrix) {
       const int64_t b = matrix / k;
@@ -579,7 +585,7 @@ void entropy_backward_kernel(const at::Tensor& grad, const at::Tensor& soft, con
   const scalar_t* soft_data = soft.const_data_ptr<scalar_t>();
   scalar_t* out_data = grad_soft.mutable_data_ptr<scalar_t>();
   const acc_t upstream = grad.item<acc_t>();
-  at::parallel_for(0, batch * k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * k, matrices_per_chunk(n, 4), [&](int64_t begin, int64_t end) {
     EntropyBlock<acc_t> block;
     // slope(x) = d(-x l(x))/dx = -(l(x) + [log x >= -100]) for the column (p) and row (q) entries
     std::vector<acc_t> column_slope, row_slope, column_mean, row_mean, weight;
