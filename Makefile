@@ -42,5 +42,9 @@ test: setup
 info: setup
 	$(PY) -m lps_fast.cli info
 
+BENCH_ARGS ?=
+bench: setup
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
 clean:
 	rm -rf build lps_fast/*.so $(BUILD_STAMP)
