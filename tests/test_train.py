@@ -174,6 +174,39 @@ def test_compare_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_concurrent_compare_runs_each_distribution_in_its_own_process(tmp_path, capsys):
+    base = tiny_config("nbody", epochs=None, time_budget=2.0, threads=1)
+    rows = compare_lib.compare(base, ["learned", "uniform"], out=tmp_path / "par", concurrent=True, status_every=1.0)
+    assert [row["distribution"] for row in rows] == ["learned", "uniform"]
+    for row in rows:
+        assert row["steps"] >= 1 and math.isfinite(row["test"])
+        assert (tmp_path / "par" / row["distribution"] / "metrics.json").is_file()
+
+
+def test_main_job_reports_the_three_models_and_the_speed(tmp_path, monkeypatch, capsys):
+    calls = {}
+
+    def fake_compare(base, distributions, out, samples_by_distribution, concurrent, status_every):
+        calls.update(base=base, distributions=distributions, samples=samples_by_distribution, concurrent=concurrent)
+        tests = {"learned": 0.01, "none": 0.03, "uniform": 0.02}
+        return [dict(distribution=name, samples=samples_by_distribution[name], eval_samples=20, epochs=3, steps=90,
+                     train_seconds=base.time_budget, metric="mse", higher_is_better=False, val=tests[name],
+                     test=tests[name], parameters=1) for name in distributions]
+
+    monkeypatch.setattr(compare_lib, "compare", fake_compare)
+    monkeypatch.setattr(compare_lib, "speed_comparison",
+                        lambda config, repeats, splits=None: {"fast_s": 0.01, "reference_s": 0.02, "speedup": 2.0})
+    monkeypatch.setattr(compare_lib, "MAIN_JOB", dict(compare_lib.MAIN_JOB, n_train=40, n_val=20, n_test=20))
+    summary = compare_lib.main_job(budget=60.0, out=tmp_path / "main")
+    out = capsys.readouterr().out
+    assert calls["distributions"] == ("learned", "none", "uniform") and calls["concurrent"]
+    assert calls["base"].task == "nbody" and calls["base"].eval_samples == 20 and calls["base"].threads == 1
+    assert 0 < calls["base"].time_budget < 60
+    assert "beats both baselines" in out and "2.00x faster" in out
+    assert summary["learned_beats_both"]
+    assert json.loads((tmp_path / "main" / "summary.json").read_text())["rows"][0]["distribution"] == "learned"
+
+
 def test_speed_comparison_times_both_paths():
     speed = compare_lib.speed_comparison(tiny_config("nbody"), repeats=1)
     assert speed["fast_s"] > 0 and speed["reference_s"] > 0

@@ -78,7 +78,7 @@ RECIPES: Dict[str, Recipe] = {
         objective="mse", metric="mse", higher_is_better=False,
         groups=PARTICLE_GROUPS, backbones=("transformer", "mlp"),
         defaults=dict(_COMMON, group="SnxE3", backbone="transformer", width=64, layers=4, samples=4, eval_samples=20,
-                      batch_size=100, lr=1e-3, epochs=100, n_train=3000, n_val=1000, n_test=2000),
+                      batch_size=100, lr=1e-3, grad_clip=0.0, epochs=100, n_train=3000, n_val=1000, n_test=2000),
     ),
     "exp-classify": Recipe(
         name="exp-classify",
