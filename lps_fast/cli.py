@@ -212,6 +212,13 @@ def _config_from_args(args: argparse.Namespace):
     return TrainConfig(task=args.task, **values)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (or a single process): the one that prints."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _default_out(task: str, name: str) -> str:
     import time
 
@@ -226,6 +233,8 @@ def _train(args: argparse.Namespace) -> int:
     if config.out is None:
         config.out = _default_out(config.task, config.distribution)
     result = train(config)
+    if not _is_main_process():
+        return 0
     if getattr(args, "json", False):
         print(json.dumps(result.metrics, indent=2, default=str))
     elif not config.quiet:
@@ -289,6 +298,8 @@ def _eval(args: argparse.Namespace) -> int:
                  "eval_batch_size": args.batch_size, "backend": args.backend, "test_trials": args.trials,
                  "limit": args.limit, "quiet": args.quiet}
     result = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=overrides)
+    if not _is_main_process():
+        return 0
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
@@ -393,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint (best.pt / last.pt) on a split",
-        description="Rebuild the model saved in a checkpoint and evaluate it. With the run's defaults the test "
-                    "split reproduces the test metric recorded in metrics.json.")
+        description="Rebuild the model saved in a checkpoint and evaluate it. With the run's defaults (and as "
+                    "many processes as the run had) the test split reproduces the test metric recorded in "
+                    "metrics.json: the evaluation noise is drawn from the run's seed.")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a best.pt or last.pt written by lps-fast train")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="default: test")
     evaluate.add_argument("--eval-samples", type=_positive_int, help="group samples per input (default: the run's)")
@@ -462,6 +474,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lps-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.command in ("train", "compare", "eval", "main"):
+            from lps_fast.train.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -98,6 +98,13 @@ def test_time_budget_stops_the_run_and_reports_a_partial_epoch():
     assert resolve(config).epochs is None  # a budget alone runs as many epochs as fit
 
 
+def test_progress_bars_and_epoch_lines(capsys):
+    train(tiny_config("nbody", quiet=False, progress=True, epochs=2))
+    captured = capsys.readouterr()
+    assert "epoch    2" in captured.out and "test mse" in captured.out
+    assert "epoch 1" in captured.err and "loss=" in captured.err  # tqdm's bar with the running loss
+
+
 def test_evaluation_does_not_disturb_training_noise():
     """Validation draws from its own generator: evaluating every epoch or not changes nothing."""
     a = train(tiny_config("nbody", epochs=2, eval_every=1))

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .config import TrainConfig, format_duration
+from .distributed import world_size_from_env
 from .recipes import build_model, get_recipe, load_splits, make_inputs, resolve, task_loss
 from .trainer import train, write_json
 
@@ -85,6 +86,8 @@ def compare(base: TrainConfig, distributions: Sequence[str], out=None,
     unknown = sorted(set(samples_by_distribution) - set(distributions))
     if unknown:
         raise ValueError(f"--k names {', '.join(unknown)}, which is not among the compared distributions")
+    if concurrent and world_size_from_env() > 1:
+        raise ValueError("--concurrent starts its own processes: do not combine it with torchrun")
     scratch = None
     if concurrent and out is None:
         scratch = tempfile.TemporaryDirectory(prefix="lps-fast-compare-")
@@ -111,7 +114,9 @@ def compare(base: TrainConfig, distributions: Sequence[str], out=None,
             from .plot import plot_runs
 
             plot_runs([out / config.distribution for config in configs], out / "curves.png",
-                      title=f"{base.task}: " + ", ".join(config.distribution for config in configs))
+                      x="time" if base.time_budget else "epoch",
+                      title=f"{base.task}: " + ", ".join(config.distribution for config in configs)
+                      + (f", {format_duration(base.time_budget)} each" if base.time_budget else ""))
         except Exception as error:  # a missing matplotlib must not lose the results
             print(f"(no curves.png: {error})")
     return rows

@@ -25,7 +25,6 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -56,10 +55,13 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
-    def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-            self.initialized_here = False
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a program: runs in one process share one group,
+    since a group cannot be joined again once left)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size_from_env() -> int:
@@ -80,7 +82,8 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(requested_device: str, timeout_minutes: float = 30.0) -> Context:
-    """Join the process group when launched by ``torchrun`` with more than one process."""
+    """Join the process group when launched by ``torchrun`` with more than one process (or reuse
+    the one this process already joined)."""
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
@@ -89,14 +92,11 @@ def setup(requested_device: str, timeout_minutes: float = 30.0) -> Context:
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    initialized_here = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if device.type == "cuda" else {}))
-        initialized_here = True
-    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                   initialized_here=initialized_here)
+    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def shard(count: int, context: Optional[Context]) -> range:
@@ -107,4 +107,4 @@ def shard(count: int, context: Optional[Context]) -> range:
     return range(context.rank, count, context.world_size)
 
 
-__all__ = ["Context", "setup", "pick_device", "shard", "world_size_from_env"]
+__all__ = ["Context", "setup", "shutdown", "pick_device", "shard", "world_size_from_env"]

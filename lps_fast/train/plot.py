@@ -49,10 +49,10 @@ def _label(run: Path, summary: Optional[Dict]) -> str:
         return folder.name
     metric = summary.get("metric")
     test = summary.get("test", {}).get(metric)
-    text = f"{folder.name} ({summary.get('distribution')}"
+    details = [] if summary.get("distribution") == folder.name else [str(summary.get("distribution"))]
     if isinstance(test, (int, float)):
-        text += f", test {metric} {test:.4g}"
-    return text + ")"
+        details.append(f"test {metric} {test:.4g}")
+    return f"{folder.name} ({', '.join(details)})" if details else folder.name
 
 
 def plot_runs(runs: Sequence, out, metric: Optional[str] = None, x: str = "epoch", log_scale: Optional[bool] = None,

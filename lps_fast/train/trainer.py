@@ -337,15 +337,10 @@ def train(config: TrainConfig, context: Optional[distributed.Context] = None) ->
     Args:
         config: the run; ``None`` fields take the task's defaults.
         context: the process group (default: from the environment, see
-            :func:`lps_fast.train.distributed.setup`).
+            :func:`lps_fast.train.distributed.setup`; under ``torchrun`` the group stays joined
+            for the next run, and :func:`lps_fast.train.distributed.shutdown` leaves it).
     """
-    own_context = context is None
-    context = context or distributed.setup(config.device)
-    try:
-        return _train(config, context)
-    finally:
-        if own_context:
-            context.close()
+    return _train(config, context or distributed.setup(config.device))
 
 
 def _has_unused_parameters(model: nn.Module, recipe: Recipe, info, dataset) -> bool:
@@ -608,33 +603,28 @@ def evaluate_checkpoint(path, split: str = "test", overrides: Optional[Dict[str,
     for key, value in (overrides or {}).items():
         if value is not None:
             setattr(config, key, value)
-    own_context = context is None
     context = context or distributed.setup(config.device)
+    config = resolve(config)
+    recipe = get_recipe(config.task)
+    splits = load_splits(config)
+    dataset = splits[split]
+    if dataset is None:
+        raise ValueError(f"task {recipe.name} has no {split} split (it has: "
+                         f"{', '.join(name for name, _ in splits.items())})")
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits.info)
     try:
-        config = resolve(config)
-        recipe = get_recipe(config.task)
-        splits = load_splits(config)
-        dataset = splits[split]
-        if dataset is None:
-            raise ValueError(f"task {recipe.name} has no {split} split (it has: "
-                             f"{', '.join(name for name, _ in splits.items())})")
-        torch.manual_seed(config.seed)
-        model = build_model(config, splits.info)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ValueError(f"{path}: the weights do not fit the model of its config ({error})") from None
-        model = model.to(context.device)
-        if recipe.trained:
-            metrics = _test_metrics(model, recipe, splits.info, dataset, config, context,
-                                    _progress_enabled(config, context))
-        else:
-            metrics = evaluate_isomorphism(model, splits.info, dataset, config, context.device)
-        return {"task": recipe.name, "split": split, "metric": recipe.metric, "checkpoint": str(path),
-                "epoch": state.get("epoch"), "eval_samples": config.eval_samples, split: metrics}
-    finally:
-        if own_context:
-            context.close()
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit the model of its config ({error})") from None
+    model = model.to(context.device)
+    if recipe.trained:
+        metrics = _test_metrics(model, recipe, splits.info, dataset, config, context,
+                                _progress_enabled(config, context))
+    else:
+        metrics = evaluate_isomorphism(model, splits.info, dataset, config, context.device)
+    return {"task": recipe.name, "split": split, "metric": recipe.metric, "checkpoint": str(path),
+            "epoch": state.get("epoch"), "eval_samples": config.eval_samples, split: metrics}
 
 
 __all__ = ["train", "evaluate", "evaluate_isomorphism", "evaluate_checkpoint", "RunResult", "save_checkpoint",
