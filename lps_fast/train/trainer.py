@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -309,9 +309,15 @@ def _prepare(config: TrainConfig, context: distributed.Context):
     if config.threads:
         torch.set_num_threads(config.threads)
     recipe = get_recipe(config.task)
+    failure = None
     if context.is_main:
-        splits = load_splits(config)
+        try:
+            splits = load_splits(config)
+        except Exception as error:  # reach the barrier anyway, so the other processes do not wait forever
+            failure = error
     context.barrier()
+    if failure is not None:
+        raise failure
     if not context.is_main:
         splits = load_splits(config)
     torch.manual_seed(config.seed)
