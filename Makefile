@@ -1,4 +1,5 @@
-# lps_fast: `make demo` sets up and runs the main job, `make test` sets up and runs the tests.
+# lps_fast: `make demo` sets up and runs the main job (n-body training, about 5 minutes),
+# `make test` sets up and runs the tests.
 # Setting up creates .venv, installs the pinned stack and builds the extensions; each step is
 # skipped when its inputs have not changed, so a second run starts at once.
 
@@ -34,7 +35,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py $(SOURCES)
 build: setup
 
 demo: setup
-	$(PY) -m lps_fast.cli demo
+	$(PY) -m lps_fast.cli main
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
