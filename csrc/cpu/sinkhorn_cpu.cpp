@@ -453,11 +453,14 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
 // ---- permutation entropy ---------------------------------------------------------------------
 
 // One matrix gathered to its real m x m block: clamped entries a = max(S, 1e-12), where the
-// clamp passes gradient, and the reciprocal column and row sums.
+// clamp passes gradient, log a, and the reciprocal column and row sums with their logs. Since
+// p = a / c[r] and q = a / w, log p = log a - log c[r] and log q = log a - log w: one log per
+// entry instead of two.
 template <typename acc_t>
 struct EntropyBlock {
   std::vector<int64_t> real_nodes;
-  std::vector<acc_t> clamped, active, inverse_column_sum, inverse_row_sum;
+  std::vector<acc_t> clamped, log_clamped, active, inverse_column_sum, inverse_row_sum, log_column_sum,
+      log_row_sum;
   int64_t m = 0;
 
   template <typename scalar_t>
@@ -468,40 +471,75 @@ struct EntropyBlock {
     }
     m = static_cast<int64_t>(real_nodes.size());
     clamped.resize(m * m);
+    log_clamped.resize(m * m);
     active.resize(m * m);
     inverse_row_sum.resize(m);
+    log_row_sum.resize(m);
     inverse_column_sum.assign(m, acc_t(0));
-    const acc_t floor = static_cast<acc_t>(kEntropyClamp);
-    for (int64_t ii = 0; ii < m; ++ii) {
-      const scalar_t* source = soft + real_nodes[ii] * n;
-      acc_t* a = clamped.data() + ii * m;
-      acc_t* passes = active.data() + ii * m;
-      acc_t row_sum = 0;
-      for (int64_t rr = 0; rr < m; ++rr) {
-        const acc_t value = static_cast<acc_t>(source[real_nodes[rr]]);
-        a[rr] = std::max(value, floor);
-        passes[rr] = value >= floor ? acc_t(1) : acc_t(0);
-        row_sum += a[rr];
-        inverse_column_sum[rr] += a[rr];
+    log_column_sum.resize(m);
+    if (m == n) {
+      clamp_entries(m * m, soft, clamped.data(), active.data());
+    } else {
+      for (int64_t ii = 0; ii < m; ++ii) {
+        const scalar_t* source = soft + real_nodes[ii] * n;
+        acc_t* a = clamped.data() + ii * m;
+        for (int64_t rr = 0; rr < m; ++rr) a[rr] = static_cast<acc_t>(source[real_nodes[rr]]);
       }
-      inverse_row_sum[ii] = acc_t(1) / row_sum;
+      clamp_entries(m * m, clamped.data(), clamped.data(), active.data());
     }
-    for (int64_t rr = 0; rr < m; ++rr) inverse_column_sum[rr] = acc_t(1) / inverse_column_sum[rr];
+    log_entries(m * m, clamped.data(), log_clamped.data());
+    for (int64_t ii = 0; ii < m; ++ii) {
+      const acc_t row_sum = add_row(m, clamped.data() + ii * m, inverse_column_sum.data());
+      inverse_row_sum[ii] = acc_t(1) / row_sum;
+      log_row_sum[ii] = std::log(row_sum);
+    }
+    for (int64_t rr = 0; rr < m; ++rr) {
+      log_column_sum[rr] = std::log(inverse_column_sum[rr]);
+      inverse_column_sum[rr] = acc_t(1) / inverse_column_sum[rr];
+    }
+  }
+
+  // Hot loops as functions that are not inlined, so that the restrict qualifiers hold (gcc
+  // drops them when it inlines) and the loops vectorize.
+  template <typename scalar_t>
+  static LPS_FAST_NOINLINE void clamp_entries(int64_t count, const scalar_t* source, acc_t* a, acc_t* __restrict__ passes) {
+    const acc_t floor = static_cast<acc_t>(kEntropyClamp);
+#pragma omp simd
+    for (int64_t t = 0; t < count; ++t) {
+      const acc_t value = static_cast<acc_t>(source[t]);
+      a[t] = std::max(value, floor);
+      passes[t] = value >= floor ? acc_t(1) : acc_t(0);
+    }
+  }
+
+  static LPS_FAST_NOINLINE void log_entries(int64_t count, const acc_t* __restrict__ a, acc_t* __restrict__ out) {
+#pragma omp simd
+    for (int64_t t = 0; t < count; ++t) out[t] = fast_log(a[t]);
+  }
+
+  // Adds one row to the column sums and returns the row's sum.
+  static LPS_FAST_NOINLINE acc_t add_row(int64_t m, const acc_t* __restrict__ a, acc_t* __restrict__ column_sum) {
+    acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+    for (int64_t rr = 0; rr < m; ++rr) {
+      row_sum += a[rr];
+      column_sum[rr] += a[rr];
+    }
+    return row_sum;
   }
 };
 
-// Hot loops as functions that are not inlined, so that the restrict qualifiers hold (gcc drops
-// them when it inlines) and the loops vectorize.
-
 // -sum_r [p l(p) + q l(q)] over one row, p = a / c[r], q = a / w, l(x) = max(log x, -100).
 template <typename acc_t>
-LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ inverse_c, acc_t inverse_w) {
+LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ log_a,
+                                    const acc_t* __restrict__ inverse_c, const acc_t* __restrict__ log_c,
+                                    acc_t inverse_w, acc_t log_w) {
   const acc_t floor = static_cast<acc_t>(kLogFloor);
   acc_t total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t rr = 0; rr < m; ++rr) {
     const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
-    total -= p * std::max(fast_log(p), floor) + q * std::max(fast_log(q), floor);
+    total -= p * std::max(log_a[rr] - log_c[rr], floor) + q * std::max(log_a[rr] - log_w, floor);
   }
   return total;
 }
@@ -509,15 +547,16 @@ LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, cons
 // slope(x) = d(-x l(x))/dx = -(l(x) + [log x >= -100]) of one row's p and q entries; adds
 // slope(p) p to column_total[r] and returns sum_r slope(q) q.
 template <typename acc_t>
-LPS_FAST_NOINLINE acc_t entropy_slopes_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ inverse_c,
-                                acc_t inverse_w, acc_t* __restrict__ p_slope, acc_t* __restrict__ q_slope,
-                                acc_t* __restrict__ column_total) {
+LPS_FAST_NOINLINE acc_t entropy_slopes_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ log_a,
+                                           const acc_t* __restrict__ inverse_c, const acc_t* __restrict__ log_c,
+                                           acc_t inverse_w, acc_t log_w, acc_t* __restrict__ p_slope,
+                                           acc_t* __restrict__ q_slope, acc_t* __restrict__ column_total) {
   const acc_t floor = static_cast<acc_t>(kLogFloor);
   acc_t row_total = 0;
 #pragma omp simd reduction(+ : row_total)
   for (int64_t rr = 0; rr < m; ++rr) {
     const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
-    const acc_t log_p = fast_log(p), log_q = fast_log(q);
+    const acc_t log_p = log_a[rr] - log_c[rr], log_q = log_a[rr] - log_w;
     const acc_t slope_p = -(std::max(log_p, floor) + (log_p >= floor ? acc_t(1) : acc_t(0)));
     const acc_t slope_q = -(std::max(log_q, floor) + (log_q >= floor ? acc_t(1) : acc_t(0)));
     p_slope[rr] = slope_p;
@@ -547,7 +586,9 @@ acc_t block_entropy(const EntropyBlock<acc_t>& block) {
   const int64_t m = block.m;
   acc_t total = 0;
   for (int64_t ii = 0; ii < m; ++ii) {
-    total += entropy_row(m, block.clamped.data() + ii * m, block.inverse_column_sum.data(), block.inverse_row_sum[ii]);
+    total += entropy_row(m, block.clamped.data() + ii * m, block.log_clamped.data() + ii * m,
+                         block.inverse_column_sum.data(), block.log_column_sum.data(), block.inverse_row_sum[ii],
+                         block.log_row_sum[ii]);
   }
   return total;
 }
@@ -601,9 +642,11 @@ void entropy_backward_kernel(const at::Tensor& grad, const at::Tensor& soft, con
       row_mean.resize(m);                // sum_r slope(q[i, r]) q[i, r]
       weight.resize(m);
       for (int64_t ii = 0; ii < m; ++ii) {
-        row_mean[ii] = entropy_slopes_row(m, block.clamped.data() + ii * m, block.inverse_column_sum.data(),
-                                          block.inverse_row_sum[ii], column_slope.data() + ii * m,
-                                          row_slope.data() + ii * m, column_mean.data());
+        row_mean[ii] = entropy_slopes_row(m, block.clamped.data() + ii * m, block.log_clamped.data() + ii * m,
+                                          block.inverse_column_sum.data(), block.log_column_sum.data(),
+                                          block.inverse_row_sum[ii], block.log_row_sum[ii],
+                                          column_slope.data() + ii * m, row_slope.data() + ii * m,
+                                          column_mean.data());
       }
       scalar_t* out = out_data + matrix * n * n;
       std::fill(out, out + n * n, scalar_t(0));
