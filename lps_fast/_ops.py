@@ -42,6 +42,13 @@ BACKWARD_SCHEMAS: Dict[str, str] = {
     "gram_schmidt_backward": "(Tensor grad, Tensor V, bool proper) -> Tensor",
 }
 
+# Fused backward kernels of the compiled CPU provider alone; other providers compose the same
+# gradients from their forward kernels.
+CPU_BACKWARD_SCHEMAS: Dict[str, str] = {
+    "frame_apply_backward": "(Tensor grad, Tensor x, Tensor R, Tensor? perm, Tensor? center) -> (Tensor, Tensor)",
+    "frame_unapply_mean_backward": "(Tensor grad, Tensor y, Tensor R, Tensor? perm) -> (Tensor, Tensor)",
+}
+
 OP_NAMES = tuple(SCHEMAS)
 
 # Ops whose backward needs another op of the same provider: a provider offers them together.
@@ -101,6 +108,14 @@ def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
     return torch.empty_like(scores)
 
 
+def fake_frame_apply_backward(grad, x, R, perm, center):
+    return x.new_empty(x.shape), R.new_empty(R.shape)
+
+
+def fake_frame_unapply_mean_backward(grad, y, R, perm):
+    return y.new_empty(y.shape), R.new_empty(R.shape)
+
+
 def fake_permutation_entropy(soft, mask=None):
     return soft.new_empty(())
 
@@ -118,7 +133,7 @@ def fake_gram_schmidt_backward(grad, V, proper):
 
 
 FAKES: Dict[str, Callable] = {
-    name: globals()[f"fake_{name}"] for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS)
+    name: globals()[f"fake_{name}"] for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS)
 }
 
 
@@ -199,6 +214,11 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     by_column = torch.gather(y, 3, index)  # [b, j, r, i] = y[r, q(i)]
     by_row = torch.gather(y.transpose(2, 3), 3, index)  # [b, j, r, i] = y[q(i), r]
     return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
+
+
+def _fused_frame_backward(ops: "OpSet", grad: torch.Tensor) -> bool:
+    """Whether the frame backward passes run as one fused kernel (the compiled CPU provider)."""
+    return ops.suffix == "" and grad.device.type == "cpu"
 
 
 def _sum_in_float32(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -328,17 +348,21 @@ def register_autograd(ops: OpSet, names=None) -> None:
         x, R, perm, center = ctx.saved_tensors
         needs_x, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_x = grad_R = grad_center = grad_soft = None
-        if needs_x or needs_center:
+        summed = None  # sum over the samples of each node's gradient
+        if (needs_x or needs_center or needs_R) and _fused_frame_backward(ops, grad):
+            summed, grad_R = ops.frame_apply_backward(grad, x, R, perm, center)
+            grad_R = grad_R if needs_R else None
+        elif needs_x or needs_center:
             # x[i] - c reaches sample j at position q(i), rotated by R_j^T: the adjoint is the
             # rotate-back-and-scatter of frame_unapply_mean, summed instead of averaged.
-            grad_x = ops.frame_unapply_mean(grad, R, perm, None, None) * ctx.k
-            if needs_center:
-                grad_center = -_sum_in_float32(grad_x, dim=1)
-            if not needs_x:
-                grad_x = None
-        if needs_R or needs_soft:
+            summed = ops.frame_unapply_mean(grad, R, perm, None, None) * ctx.k
+        if needs_x:
+            grad_x = summed
+        if needs_center:
+            grad_center = -_sum_in_float32(summed, dim=1)
+        if (needs_R and grad_R is None) or needs_soft:
             centered = x if center is None else x - center[:, None]
-            if needs_R:
+            if needs_R and grad_R is None:
                 # dR_j[a, m] = sum_{r, c} (x[p(r)] - c)[a, c] G[j, r][m, c]
                 if perm is None:
                     grad_R = torch.einsum("brac,bjrmc->bjam", centered, grad)
@@ -364,9 +388,13 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs_y, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_y = grad_R = grad_center = grad_soft = None
         scaled = grad / ctx.k
-        if needs_y:
+        if (needs_y or needs_R) and _fused_frame_backward(ops, grad):
+            grad_y, grad_R = ops.frame_unapply_mean_backward(grad, y, R, perm)
+            grad_y = grad_y if needs_y else None
+            grad_R = grad_R if needs_R else None
+        elif needs_y:
             grad_y = ops.frame_apply(scaled, R, perm, None, None)
-        if needs_R:
+        if needs_R and grad_R is None:
             # dR_j[a, m] = sum_{r, c} G[p(r)][a, c] y[j, r][m, c] / k
             if perm is None:
                 grad_R = torch.einsum("brac,bjrmc->bjam", scaled, y)
@@ -441,7 +469,7 @@ def define_compiled_ops() -> None:
     if _library is not None:
         return
     _library = torch.library.Library(NAMESPACE, "FRAGMENT")
-    for name, schema in {**SCHEMAS, **BACKWARD_SCHEMAS}.items():
+    for name, schema in {**SCHEMAS, **BACKWARD_SCHEMAS, **CPU_BACKWARD_SCHEMAS}.items():
         _library.define(name + schema)
         torch.library.register_fake(qualified(name), FAKES[name], lib=_library)
     register_autograd(OpSet(""))
@@ -456,5 +484,5 @@ def register_missing_cuda_kernels(reason: str) -> None:
             "lps_fast.<op> route CUDA tensors to Triton or the reference path instead"
         )
 
-    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS):
+    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS):
         _library.impl(name, refuse, "CUDA")

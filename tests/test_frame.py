@@ -84,3 +84,40 @@ def test_round_trip(cpu_backend):
         for p in (None, perm):
             moved = lps_fast.frame_apply(x, R, p, center)
             assert_close(lps_fast.frame_unapply_mean(moved, R, p, center), x)
+
+
+@pytest.mark.parametrize("wanted", ["points", "R", "center", "R+center"])
+@pytest.mark.parametrize("op", ["frame_apply", "frame_unapply_mean"])
+def test_gradients_of_a_subset_of_inputs(cpu_backend, op, wanted):
+    """The fused backward passes serve any subset of the inputs that need a gradient."""
+    batch, k, n, channels = 3, 4, 6, 2
+    shape = (batch, n, 3, channels) if op == "frame_apply" else (batch, k, n, 3, channels)
+    points = torch.randn(shape, dtype=torch.float64, requires_grad="points" in wanted)
+    R = ref.gram_schmidt(torch.randn(batch, k, 3, 3, dtype=torch.float64)).requires_grad_("R" in wanted)
+    center = torch.randn(batch, 3, channels, dtype=torch.float64, requires_grad="center" in wanted)
+    for perm in (None, random_perm(batch, k, n)):
+        compare_backends(op, [points, R, perm, center, None], cpu_backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("op", ["frame_apply", "frame_unapply_mean"])
+def test_half_precision_gradients(cpu_backend, op, dtype):
+    batch, k, n, channels = 3, 4, 6, 2
+    shape = (batch, n, 3, channels) if op == "frame_apply" else (batch, k, n, 3, channels)
+    # values representable in the half type, so both sides see the same inputs
+    points = torch.randn(shape).to(dtype).float()
+    R = ref.gram_schmidt(torch.randn(batch, k, 3, 3)).to(dtype).float()
+    center = torch.randn(batch, 3, channels).to(dtype).float()
+    perm = random_perm(batch, k, n)
+    upstream = None
+    grads = {}
+    for name, cast in ((cpu_backend, dtype), ("reference", torch.float64)):
+        inputs = [t.to(cast).requires_grad_() for t in (points, R, center)]
+        with lps_fast.use_backend(name):
+            out = getattr(lps_fast, op)(inputs[0], inputs[1], perm, inputs[2])
+        if upstream is None:
+            upstream = torch.randn(out.shape).to(dtype).float()
+        grads[name] = torch.autograd.grad(out, inputs, upstream.to(cast))
+    for fast, expected in zip(grads[cpu_backend], grads["reference"]):
+        assert fast.dtype == dtype
+        assert_close(fast, expected.to(dtype), dtype=dtype)

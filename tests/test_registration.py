@@ -33,11 +33,16 @@ def _inputs():
             torch.randn(B, K, N, N, dtype=f64), torch.randn(B, K, N, dtype=f64), 0.3, 5, mask),
         "permutation_entropy_backward": (torch.tensor(1.5, dtype=f64), random_soft(B, K, N, dtype=f64), mask),
         "gram_schmidt_backward": (torch.randn(B, 3, 3, dtype=f64), torch.randn(B, 3, 3, dtype=f64), True),
+        "frame_apply_backward": (
+            torch.randn(B, K, N, 3, 2, dtype=f64), torch.randn(B, N, 3, 2, dtype=f64), R.detach(), perm,
+            center.detach()),
+        "frame_unapply_mean_backward": (
+            torch.randn(B, N, 3, 2, dtype=f64), torch.randn(B, K, N, 3, 2, dtype=f64), R.detach(), perm),
     }
 
 
 CPP_OPS = sorted(
-    name for name in list(_ops.SCHEMAS) + list(_ops.BACKWARD_SCHEMAS)
+    name for name in list(_ops.SCHEMAS) + list(_ops.BACKWARD_SCHEMAS) + list(_ops.CPU_BACKWARD_SCHEMAS)
     if torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualified(name), "CPU")
 )
 
