@@ -180,23 +180,27 @@ def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 def _edge_soft_grad(ops: "OpSet", a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``dS[i, r] = sum_s <a[i, p(s)], b[r, s]> + sum_s <a[p(s), i], b[s, r]>`` per sample.
 
-    ``a``: [B, n, n, *F] (shared by the samples), ``b``: [B, k, n, n, *F]. With u = p(s) and
-    q = p^-1 the terms read ``sum_u <a[i, u], b[r, q(u)]>`` and ``sum_u <a[u, i], b[q(u), r]>``.
-    Both come from one pass of the provider's permute_edges kernel, P[r', u] = b[q(r'), q(u)]
-    (each sample's own matrix permuted by its inverse), two GEMMs against ``a`` and ``a^T`` shared
-    by the samples, and a gather of the small [B, k, n, n] result at r' = p(r).
+    ``a``: [B, n, n, *F] (shared by the samples), ``b``: [B, k, n, n, *F]. With u = p(s), q = p^-1
+    and r' = p(r) the terms read ``sum_u <a[i, u], P[r', u]>`` and ``sum_u <a[u, i], P[u, r']>``,
+    where P[r', u] = b[q(r'), q(u)] is each sample's matrix permuted by its inverse: one pass of
+    the provider's permute_edges kernel. Two GEMMs per graph against ``a`` and ``a^T`` (shared by
+    the samples, which fold into the GEMM's M dimension) accumulate the transposed result
+    [r', i]; a row gather r' = p(r) of that small [B, k, n, n] product finishes it, returned as
+    a transposed view.
     """
     batch, k, n = perm.shape
     a = a.reshape(batch, n, n, -1)
     features = a.shape[-1]
-    inverse = _inverse_permutation(perm)
-    permuted = ops.permute_edges(
-        b.reshape(batch * k, n, n, features), inverse.reshape(batch * k, 1, n), None
-    ).reshape(batch, k, n, n * features)
-    product = _shared_left_gemm(a.reshape(batch, n, n * features), permuted)
-    permuted_t = permuted.reshape(batch, k, n, n, features).transpose(2, 3).reshape(batch, k, n, n * features)
-    product = product + _shared_left_gemm(a.transpose(1, 2).reshape(batch, n, n * features), permuted_t)
-    return torch.gather(product, 3, perm[:, :, None, :].expand(batch, k, n, n))
+    inverse = _inverse_permutation(perm).reshape(batch * k, 1, n)
+    permuted = ops.permute_edges(b.reshape(batch * k, n, n, features), inverse, None)
+    permuted = permuted.reshape(batch * k, n, n, features)  # [Bk, r', u, F]
+    product = torch.bmm(  # [B, (j, r'), i]
+        permuted.reshape(batch, k * n, n * features), a.reshape(batch, n, n * features).transpose(1, 2)
+    )
+    transposed = permuted.transpose(1, 2).reshape(batch, k * n, n * features)  # P[u, r'] at [(j, r'), u]
+    product.baddbmm_(transposed, a.transpose(1, 2).reshape(batch, n, n * features).transpose(1, 2))
+    rows = ops.permute_nodes(product.reshape(batch * k, n, n), perm.reshape(batch * k, 1, n), None)  # [Bk, 1, r, i]
+    return rows.reshape(batch, k, n, n).transpose(2, 3)
 
 
 def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
