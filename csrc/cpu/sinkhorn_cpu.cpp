@@ -143,7 +143,7 @@ constexpr acc_t kLinearSpread = sizeof(acc_t) == 4 ? acc_t(60) : acc_t(600);
 template <typename acc_t>
 struct SinkhornWorkspace {
   SortedScores<acc_t> sorted;
-  std::vector<acc_t> L0, K, row, column, peak, total;
+  std::vector<acc_t> L0, K, KT, row, column, peak, total;
   std::vector<acc_t> history_row, history_column;  // backward: the potentials of every iteration
   bool linear = true;
 
@@ -171,6 +171,11 @@ struct SinkhornWorkspace {
   // range (only possible near the spread limit): the caller then iterates in the log domain.
   bool iterate_linear(int64_t n_iter, bool keep_history) {
     const int64_t m = sorted.m;
+    // K^T as well, so that both half-steps sweep rows of a matrix (see linear_iterations).
+    KT.resize(m * m);
+    for (int64_t ii = 0; ii < m; ++ii) {
+      for (int64_t r = 0; r < m; ++r) KT[r * m + ii] = K[ii * m + r];
+    }
     row.assign(m, acc_t(1));
     column.assign(m, acc_t(1));
     total.resize(m);
@@ -178,33 +183,65 @@ struct SinkhornWorkspace {
       history_row.resize(n_iter * m);
       history_column.resize(n_iter * m);
     }
-    bool finite = true;
+    acc_t* rows_out = keep_history ? history_row.data() : nullptr;
+    acc_t* columns_out = keep_history ? history_column.data() : nullptr;
+    // Small matrices get their size at compile time: the sweeps unroll into registers.
+    switch (m) {
+#define LPS_FAST_FIXED_SIZE(M) \
+  case M:                      \
+    return linear_iterations<M>(m, n_iter, K.data(), KT.data(), row.data(), column.data(), total.data(), rows_out, columns_out);
+      LPS_FAST_FIXED_SIZE(2)
+      LPS_FAST_FIXED_SIZE(3)
+      LPS_FAST_FIXED_SIZE(4)
+      LPS_FAST_FIXED_SIZE(5)
+      LPS_FAST_FIXED_SIZE(6)
+      LPS_FAST_FIXED_SIZE(7)
+      LPS_FAST_FIXED_SIZE(8)
+#undef LPS_FAST_FIXED_SIZE
+      default:
+        return linear_iterations<0>(m, n_iter, K.data(), KT.data(), row.data(), column.data(), total.data(),
+                                    rows_out, columns_out);
+    }
+  }
+
+  // The linear iterations as axpy sweeps along the rows of K and K^T: no per-row dot products,
+  // whose vector reductions cost more than the rows themselves when m is small. Not inlined, so
+  // that the restrict qualifiers hold and the sweeps vectorize.
+  template <int FIXED_M>
+  static LPS_FAST_NOINLINE bool linear_iterations(int64_t runtime_m, int64_t n_iter, const acc_t* __restrict__ K,
+                                                  const acc_t* __restrict__ KT, acc_t* __restrict__ row,
+                                                  acc_t* __restrict__ column, acc_t* __restrict__ total,
+                                                  acc_t* __restrict__ history_row,
+                                                  acc_t* __restrict__ history_column) {
+    const int64_t m = FIXED_M > 0 ? FIXED_M : runtime_m;
+    int finite = 1;
     for (int64_t t = 0; t < n_iter; ++t) {
-      for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t* k_row = K.data() + ii * m;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t r = 0; r < m; ++r) dot += k_row[r] * column[r];
-        row[ii] = acc_t(1) / dot;
+      // row = 1 / (K column): total[ii] = sum_r K^T[r, ii] column[r]
+      std::fill(total, total + m, acc_t(0));
+      for (int64_t r = 0; r < m; ++r) {
+        const acc_t* kt_row = KT + r * m;
+        const acc_t c = column[r];
+        for (int64_t ii = 0; ii < m; ++ii) total[ii] += kt_row[ii] * c;
       }
-      std::fill(total.begin(), total.end(), acc_t(0));
-      acc_t* __restrict__ column_total = total.data();
+      for (int64_t ii = 0; ii < m; ++ii) row[ii] = acc_t(1) / total[ii];
+      // column = 1 / (K^T row): total[r] = sum_ii K[ii, r] row[ii]
+      std::fill(total, total + m, acc_t(0));
       for (int64_t ii = 0; ii < m; ++ii) {
-        const acc_t* __restrict__ k_row = K.data() + ii * m;
+        const acc_t* k_row = K + ii * m;
         const acc_t u = row[ii];
-#pragma omp simd
-        for (int64_t r = 0; r < m; ++r) column_total[r] += k_row[r] * u;
+        for (int64_t r = 0; r < m; ++r) total[r] += k_row[r] * u;
       }
       for (int64_t r = 0; r < m; ++r) column[r] = acc_t(1) / total[r];
       for (int64_t e = 0; e < m; ++e) {
-        finite = finite && std::isfinite(row[e]) && std::isfinite(column[e]) && row[e] > 0 && column[e] > 0;
+        finite &= (row[e] > 0) & (row[e] <= std::numeric_limits<acc_t>::max()) & (column[e] > 0) &
+                  (column[e] <= std::numeric_limits<acc_t>::max());
       }
-      if (keep_history) {
-        std::copy(row.begin(), row.end(), history_row.begin() + t * m);
-        std::copy(column.begin(), column.end(), history_column.begin() + t * m);
+      if (history_row != nullptr) {
+        std::copy(row, row + m, history_row + t * m);
+        std::copy(column, column + m, history_column + t * m);
       }
     }
-    return finite;
+    return finite != 0;
   }
 
   void iterate_log(int64_t n_iter, bool keep_history) {
@@ -299,34 +336,74 @@ void sinkhorn_forward_kernel(const at::Tensor& scores, double tau, int64_t n_ite
 //   row step:    w = row_adjoint * entry,   next_column_adjoint[r] -= w
 enum class ReverseStep { kFinal, kColumn, kRow };
 
-template <ReverseStep STEP, bool LINEAR, typename acc_t, typename grad_t>
-LPS_FAST_NOINLINE void reverse_row(int64_t m, const acc_t* __restrict__ k_row, const acc_t* __restrict__ l0_row,
+constexpr int64_t kReduceLanes = 16;
+
+// Sum of LANES partial sums by halves, each half a fixed-length loop that vectorizes.
+template <int64_t LANES, typename acc_t>
+inline acc_t fold_lanes(acc_t* partial) {
+  if constexpr (LANES == 1) {
+    return partial[0];
+  } else {
+#pragma omp simd
+    for (int64_t lane = 0; lane < LANES / 2; ++lane) partial[lane] += partial[lane + LANES / 2];
+    return fold_lanes<LANES / 2>(partial);
+  }
+}
+
+#define LPS_FAST_REVERSE_ENTRY                                              \
+  const acc_t entry = iterate_entry<LINEAR>(k_row, l0_row, r, u, column[r]); \
+  acc_t w;                                                                 \
+  if constexpr (STEP == ReverseStep::kFinal) {                             \
+    w = static_cast<acc_t>(g_row[r]) * entry;                              \
+    column_adjoint[r] -= w;                                                \
+  } else if constexpr (STEP == ReverseStep::kColumn) {                     \
+    w = column_adjoint[r] * entry;                                         \
+  } else {                                                                 \
+    w = row_adjoint * entry;                                               \
+    column_adjoint[r] -= w;                                                \
+  }                                                                        \
+  sum += w;                                                                \
+  const acc_t folded = slope[r] * w;                                       \
+  node -= folded;                                                          \
+  d_position[r] += folded;
+
+template <ReverseStep STEP, bool LINEAR, int FIXED_M, typename acc_t, typename grad_t>
+LPS_FAST_NOINLINE void reverse_row(int64_t runtime_m, const acc_t* __restrict__ k_row, const acc_t* __restrict__ l0_row,
                         const acc_t* __restrict__ slope, acc_t u, const acc_t* __restrict__ column,
                         const grad_t* __restrict__ g_row, acc_t row_adjoint,
                         acc_t* __restrict__ column_adjoint, acc_t* __restrict__ d_position, acc_t& row_sum,
                         acc_t& d_node) {
+  const int64_t m = FIXED_M > 0 ? FIXED_M : runtime_m;
   acc_t sum = 0, node = 0;
-#pragma omp simd reduction(+ : sum, node)
-  for (int64_t r = 0; r < m; ++r) {
-    const acc_t entry = iterate_entry<LINEAR>(k_row, l0_row, r, u, column[r]);
-    acc_t w;
-    if constexpr (STEP == ReverseStep::kFinal) {
-      w = static_cast<acc_t>(g_row[r]) * entry;
-      column_adjoint[r] -= w;
-    } else if constexpr (STEP == ReverseStep::kColumn) {
-      w = column_adjoint[r] * entry;
-    } else {
-      w = row_adjoint * entry;
-      column_adjoint[r] -= w;
+  int64_t r = 0;
+  if (FIXED_M == 0 && m >= kReduceLanes) {
+    // Per-lane partial sums, folded by halves at the end: an omp simd reduction would end in one
+    // sequential add per lane, which dominates rows of a few dozen entries.
+    acc_t sums[kReduceLanes] = {}, nodes[kReduceLanes] = {};
+    for (; r + kReduceLanes <= m; r += kReduceLanes) {
+      const int64_t start = r;
+#pragma omp simd
+      for (int64_t lane = 0; lane < kReduceLanes; ++lane) {
+        acc_t sum = 0, node = 0;
+        {
+          const int64_t r = start + lane;
+          LPS_FAST_REVERSE_ENTRY
+        }
+        sums[lane] += sum;
+        nodes[lane] += node;
+      }
     }
-    sum += w;
-    const acc_t folded = slope[r] * w;
-    node -= folded;
-    d_position[r] += folded;
+    sum = fold_lanes<kReduceLanes>(sums);
+    node = fold_lanes<kReduceLanes>(nodes);
+  }
+  for (; r < m; ++r) {
+    LPS_FAST_REVERSE_ENTRY
   }
   row_sum += sum;
   d_node += node;
 }
+
+#undef LPS_FAST_REVERSE_ENTRY
 
 // Reverse mode through the iterations of one matrix (docs/DESIGN.md), accumulating
 // d loss / d s_hat[node ii] into d_node and d loss / d s_hat_sorted[r] into d_position.
@@ -334,6 +411,27 @@ template <bool LINEAR, typename scalar_t, typename acc_t>
 struct SinkhornAdjoint {
   std::vector<acc_t> adjoint_row, adjoint_column, next_adjoint_column, d_node, d_position, slope, initial_column;
 
+  void run_any(const SinkhornWorkspace<acc_t>& work, const scalar_t* G, int64_t n, int64_t n_iter,
+               acc_t inverse_tau) {
+    switch (work.sorted.m) {
+#define LPS_FAST_FIXED_SIZE(M) \
+  case M:                      \
+    return run<M>(work, G, n, n_iter, inverse_tau);
+      LPS_FAST_FIXED_SIZE(2)
+      LPS_FAST_FIXED_SIZE(3)
+      LPS_FAST_FIXED_SIZE(4)
+      LPS_FAST_FIXED_SIZE(5)
+      LPS_FAST_FIXED_SIZE(6)
+      LPS_FAST_FIXED_SIZE(7)
+      LPS_FAST_FIXED_SIZE(8)
+#undef LPS_FAST_FIXED_SIZE
+      default:
+        return run<0>(work, G, n, n_iter, inverse_tau);
+    }
+  }
+
+  // FIXED_M > 0: the size of the real block, known at compile time (small matrices).
+  template <int FIXED_M>
   void run(const SinkhornWorkspace<acc_t>& work, const scalar_t* G, int64_t n, int64_t n_iter, acc_t inverse_tau) {
     const SortedScores<acc_t>& sorted = work.sorted;
     const int64_t m = sorted.m;
@@ -362,7 +460,7 @@ struct SinkhornAdjoint {
 
     // The output soft = entry(T): dL = G * soft.
     for (int64_t ii = 0; ii < m; ++ii) {
-      reverse_row<ReverseStep::kFinal, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), work.row[ii],
+      reverse_row<ReverseStep::kFinal, LINEAR, FIXED_M>(m, k_row(ii), l0_row(ii), slope_row(ii), work.row[ii],
                                                work.column.data(), G + sorted.real_nodes[ii] * n,
                                                acc_t(0), a_column, d_pos, adjoint_row[ii], d_node[ii]);
       adjoint_row[ii] = -adjoint_row[ii];
@@ -374,7 +472,7 @@ struct SinkhornAdjoint {
       // Column step: the column potentials normalize entry(row_t, column_t).
       for (int64_t ii = 0; ii < m; ++ii) {
         acc_t row_sum = 0;
-        reverse_row<ReverseStep::kColumn, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_t,
+        reverse_row<ReverseStep::kColumn, LINEAR, FIXED_M>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_t,
                                                   no_grad, acc_t(0), a_column, d_pos, row_sum, d_node[ii]);
         adjoint_row[ii] -= row_sum;
       }
@@ -382,7 +480,7 @@ struct SinkhornAdjoint {
       std::fill(a_next, a_next + m, acc_t(0));
       for (int64_t ii = 0; ii < m; ++ii) {
         acc_t unused = 0;
-        reverse_row<ReverseStep::kRow, LINEAR>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_before,
+        reverse_row<ReverseStep::kRow, LINEAR, FIXED_M>(m, k_row(ii), l0_row(ii), slope_row(ii), row_t[ii], column_before,
                                                no_grad, adjoint_row[ii], a_next, d_pos, unused, d_node[ii]);
       }
       std::swap(a_column, a_next);
@@ -416,11 +514,11 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
       const std::vector<acc_t>* d_node;
       const std::vector<acc_t>* d_position;
       if (work.linear) {
-        linear_adjoint.run(work, G, n, n_iter, inverse_tau);
+        linear_adjoint.run_any(work, G, n, n_iter, inverse_tau);
         d_node = &linear_adjoint.d_node;
         d_position = &linear_adjoint.d_position;
       } else {
-        log_adjoint.run(work, G, n, n_iter, inverse_tau);
+        log_adjoint.run_any(work, G, n, n_iter, inverse_tau);
         d_node = &log_adjoint.d_node;
         d_position = &log_adjoint.d_position;
       }
