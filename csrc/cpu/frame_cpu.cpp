@@ -214,6 +214,14 @@ const scalar_t* optional_data(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
+// The data of perm, checked to hold permutations (the kernels index with it), or nullptr.
+const int64_t* checked_perm_data(const c10::optional<at::Tensor>& perm, int64_t batch, int64_t k, int64_t n) {
+  if (!perm.has_value()) return nullptr;
+  const int64_t* data = perm->const_data_ptr<int64_t>();
+  invert_permutations(data, batch * k, k, n, nullptr);
+  return data;
+}
+
 }  // namespace
 
 at::Tensor frame_apply(const at::Tensor& x, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
@@ -221,11 +229,7 @@ at::Tensor frame_apply(const at::Tensor& x, const at::Tensor& R, const c10::opti
   const int64_t batch = x.size(0), n = x.size(1), channels = x.size(3), k = R.size(1);
   at::Tensor out = at::empty({batch, k, n, 3, channels}, x.options());
   if (out.numel() == 0) return out;
-  const int64_t* perm_data = nullptr;
-  if (perm.has_value()) {
-    perm_data = perm->const_data_ptr<int64_t>();
-    invert_permutations(perm_data, batch * k, k, n, nullptr);
-  }
+  const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_cpu", [&] {
     LPS_FAST_DISPATCH_CHANNELS(channels, C,
                                frame_apply_kernel<C>(x.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
@@ -260,16 +264,7 @@ std::tuple<at::Tensor, at::Tensor> frame_apply_backward(const at::Tensor& grad, 
   const int64_t batch = x.size(0), n = x.size(1), channels = x.size(3), k = R.size(1);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_R = at::empty(R.sizes(), R.options());
-  if (grad_x.numel() == 0 && grad_R.numel() == 0) return {grad_x, grad_R};
-  if (n == 0 || channels == 0) {
-    grad_R.zero_();
-    return {grad_x, grad_R};
-  }
-  const int64_t* perm_data = nullptr;
-  if (perm.has_value()) {
-    perm_data = perm->const_data_ptr<int64_t>();
-    invert_permutations(perm_data, batch * k, k, n, nullptr);
-  }
+  const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_backward_cpu", [&] {
     LPS_FAST_DISPATCH_CHANNELS(
         channels, C,
@@ -287,16 +282,7 @@ std::tuple<at::Tensor, at::Tensor> frame_unapply_mean_backward(const at::Tensor&
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2), channels = y.size(4);
   at::Tensor grad_y = at::empty(y.sizes(), y.options());
   at::Tensor grad_R = at::empty(R.sizes(), R.options());
-  if (grad_y.numel() == 0 && grad_R.numel() == 0) return {grad_y, grad_R};
-  if (n == 0 || channels == 0) {
-    grad_R.zero_();
-    return {grad_y, grad_R};
-  }
-  const int64_t* perm_data = nullptr;
-  if (perm.has_value()) {
-    perm_data = perm->const_data_ptr<int64_t>();
-    invert_permutations(perm_data, batch * k, k, n, nullptr);
-  }
+  const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "frame_unapply_mean_backward_cpu", [&] {
     LPS_FAST_DISPATCH_CHANNELS(
         channels, C,

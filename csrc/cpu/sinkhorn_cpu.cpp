@@ -20,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -129,6 +130,22 @@ void column_potentials(const acc_t* L0, int64_t m, const acc_t* U, acc_t* V, acc
   for (int64_t r = 0; r < m; ++r) V[r] = peak[r] + std::log(total[r]);
 }
 
+// Calls f(std::integral_constant<int, m>) for blocks of 2 to 8 real nodes and with 0 (size
+// known at run time only) otherwise, so that the loops over tiny blocks unroll.
+template <typename F>
+decltype(auto) with_fixed_size(int64_t m, F&& f) {
+  switch (m) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
 // Largest spread of L0 = -|s - t| / tau for which the kernel iterates in the linear domain:
 // exp(L0) then stays far above the smallest normal number, so K = exp(L0) loses nothing and
 // each iteration is two matrix-vector products instead of 2 m^2 exponentials.
@@ -186,22 +203,10 @@ struct SinkhornWorkspace {
     acc_t* rows_out = keep_history ? history_row.data() : nullptr;
     acc_t* columns_out = keep_history ? history_column.data() : nullptr;
     // Small matrices get their size at compile time: the sweeps unroll into registers.
-    switch (m) {
-#define LPS_FAST_FIXED_SIZE(M) \
-  case M:                      \
-    return linear_iterations<M>(m, n_iter, K.data(), KT.data(), row.data(), column.data(), total.data(), rows_out, columns_out);
-      LPS_FAST_FIXED_SIZE(2)
-      LPS_FAST_FIXED_SIZE(3)
-      LPS_FAST_FIXED_SIZE(4)
-      LPS_FAST_FIXED_SIZE(5)
-      LPS_FAST_FIXED_SIZE(6)
-      LPS_FAST_FIXED_SIZE(7)
-      LPS_FAST_FIXED_SIZE(8)
-#undef LPS_FAST_FIXED_SIZE
-      default:
-        return linear_iterations<0>(m, n_iter, K.data(), KT.data(), row.data(), column.data(), total.data(),
-                                    rows_out, columns_out);
-    }
+    return with_fixed_size(m, [&](auto fixed) {
+      return linear_iterations<decltype(fixed)::value>(m, n_iter, K.data(), KT.data(), row.data(), column.data(),
+                                                       total.data(), rows_out, columns_out);
+    });
   }
 
   // The linear iterations as axpy sweeps along the rows of K and K^T: no per-row dot products,
@@ -413,21 +418,7 @@ struct SinkhornAdjoint {
 
   void run_any(const SinkhornWorkspace<acc_t>& work, const scalar_t* G, int64_t n, int64_t n_iter,
                acc_t inverse_tau) {
-    switch (work.sorted.m) {
-#define LPS_FAST_FIXED_SIZE(M) \
-  case M:                      \
-    return run<M>(work, G, n, n_iter, inverse_tau);
-      LPS_FAST_FIXED_SIZE(2)
-      LPS_FAST_FIXED_SIZE(3)
-      LPS_FAST_FIXED_SIZE(4)
-      LPS_FAST_FIXED_SIZE(5)
-      LPS_FAST_FIXED_SIZE(6)
-      LPS_FAST_FIXED_SIZE(7)
-      LPS_FAST_FIXED_SIZE(8)
-#undef LPS_FAST_FIXED_SIZE
-      default:
-        return run<0>(work, G, n, n_iter, inverse_tau);
-    }
+    with_fixed_size(work.sorted.m, [&](auto fixed) { run<decltype(fixed)::value>(work, G, n, n_iter, inverse_tau); });
   }
 
   // FIXED_M > 0: the size of the real block, known at compile time (small matrices).
