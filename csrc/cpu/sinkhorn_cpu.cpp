@@ -577,14 +577,15 @@ struct EntropyBlock {
       clamp_entries(m * m, clamped.data(), clamped.data(), active.data());
     }
     log_entries(m * m, clamped.data(), log_clamped.data());
+    // the sums first, then their logs in vector loops, then their reciprocals
     for (int64_t ii = 0; ii < m; ++ii) {
-      const acc_t row_sum = add_row(m, clamped.data() + ii * m, inverse_column_sum.data());
-      inverse_row_sum[ii] = acc_t(1) / row_sum;
-      log_row_sum[ii] = std::log(row_sum);
+      inverse_row_sum[ii] = add_row(m, clamped.data() + ii * m, inverse_column_sum.data());
     }
-    for (int64_t rr = 0; rr < m; ++rr) {
-      log_column_sum[rr] = std::log(inverse_column_sum[rr]);
-      inverse_column_sum[rr] = acc_t(1) / inverse_column_sum[rr];
+    log_entries(m, inverse_row_sum.data(), log_row_sum.data());
+    log_entries(m, inverse_column_sum.data(), log_column_sum.data());
+    for (int64_t e = 0; e < m; ++e) {
+      inverse_row_sum[e] = acc_t(1) / inverse_row_sum[e];
+      inverse_column_sum[e] = acc_t(1) / inverse_column_sum[e];
     }
   }
 
@@ -618,6 +619,31 @@ struct EntropyBlock {
   }
 };
 
+// result += sum over r in [0, m) of the `sum` that the statements ... add for index r: rows of
+// at least kReduceLanes entries keep per-lane partial sums folded by halves (see reverse_row),
+// shorter ones run as a plain loop.
+#define LPS_FAST_ROW_SUM(m, result, ...)                                   \
+  do {                                                                     \
+    int64_t row_begin = 0;                                                 \
+    if ((m) >= kReduceLanes) {                                             \
+      acc_t partial[kReduceLanes] = {};                                    \
+      for (; row_begin + kReduceLanes <= (m); row_begin += kReduceLanes) { \
+        _Pragma("omp simd") for (int64_t lane = 0; lane < kReduceLanes; ++lane) { \
+          const int64_t rr = row_begin + lane;                             \
+          acc_t sum = 0;                                                   \
+          __VA_ARGS__                                                      \
+          partial[lane] += sum;                                            \
+        }                                                                  \
+      }                                                                    \
+      result += fold_lanes<kReduceLanes>(partial);                         \
+    }                                                                      \
+    for (int64_t rr = row_begin; rr < (m); ++rr) {                         \
+      acc_t sum = 0;                                                       \
+      __VA_ARGS__                                                          \
+      result += sum;                                                       \
+    }                                                                      \
+  } while (false)
+
 // -sum_r [p l(p) + q l(q)] over one row, p = a / c[r], q = a / w, l(x) = max(log x, -100).
 template <typename acc_t>
 LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, const acc_t* __restrict__ log_a,
@@ -625,11 +651,10 @@ LPS_FAST_NOINLINE acc_t entropy_row(int64_t m, const acc_t* __restrict__ a, cons
                                     acc_t inverse_w, acc_t log_w) {
   const acc_t floor = static_cast<acc_t>(kLogFloor);
   acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t rr = 0; rr < m; ++rr) {
+  LPS_FAST_ROW_SUM(m, total, {
     const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
-    total -= p * std::max(log_a[rr] - log_c[rr], floor) + q * std::max(log_a[rr] - log_w, floor);
-  }
+    sum -= p * std::max(log_a[rr] - log_c[rr], floor) + q * std::max(log_a[rr] - log_w, floor);
+  });
   return total;
 }
 
@@ -642,8 +667,7 @@ LPS_FAST_NOINLINE acc_t entropy_slopes_row(int64_t m, const acc_t* __restrict__ 
                                            acc_t* __restrict__ q_slope, acc_t* __restrict__ column_total) {
   const acc_t floor = static_cast<acc_t>(kLogFloor);
   acc_t row_total = 0;
-#pragma omp simd reduction(+ : row_total)
-  for (int64_t rr = 0; rr < m; ++rr) {
+  LPS_FAST_ROW_SUM(m, row_total, {
     const acc_t p = a[rr] * inverse_c[rr], q = a[rr] * inverse_w;
     const acc_t log_p = log_a[rr] - log_c[rr], log_q = log_a[rr] - log_w;
     const acc_t slope_p = -(std::max(log_p, floor) + (log_p >= floor ? acc_t(1) : acc_t(0)));
@@ -651,10 +675,12 @@ LPS_FAST_NOINLINE acc_t entropy_slopes_row(int64_t m, const acc_t* __restrict__ 
     p_slope[rr] = slope_p;
     q_slope[rr] = slope_q;
     column_total[rr] += slope_p * p;
-    row_total += slope_q * q;
-  }
+    sum += slope_q * q;
+  });
   return row_total;
 }
+
+#undef LPS_FAST_ROW_SUM
 
 // d entropy / d S over one row, before the scatter back to node indices.
 template <typename acc_t>
