@@ -11,7 +11,8 @@ adjoints: d(permute_nodes)/dx is a scatter-sum (``unpermute_mean * k``), d(unper
 gather (``permute_nodes(G / k)``), and likewise for edges and frames. The straight-through
 gradients w.r.t. ``soft`` are batched matrix products of gathered data, never dense
 permutation-matrix products. ``sinkhorn_sort``, ``permutation_entropy`` and ``gram_schmidt``
-have dedicated ``*_backward`` kernels.
+have dedicated ``*_backward`` kernels, and on CPU tensors the compiled provider runs each frame
+backward pass as one fused kernel (``CPU_BACKWARD_SCHEMAS``).
 """
 
 from __future__ import annotations
