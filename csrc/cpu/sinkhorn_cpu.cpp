@@ -548,9 +548,17 @@ void sinkhorn_backward_kernel(const at::Tensor& grad_soft, const at::Tensor& sco
 template <typename acc_t>
 struct EntropyBlock {
   std::vector<int64_t> real_nodes;
-  std::vector<acc_t> clamped, log_clamped, active, inverse_column_sum, inverse_row_sum, log_column_sum,
-      log_row_sum;
+  // sums = [row sums, column sums] and log_sums their logs; log_row_sum and log_column_sum
+  // point into log_sums
+  std::vector<acc_t> clamped, log_clamped, active, inverse_column_sum, inverse_row_sum, sums, log_sums;
+  const acc_t* log_row_sum = nullptr;
+  const acc_t* log_column_sum = nullptr;
   int64_t m = 0;
+
+  // The logs run over whole vectors: buffers are padded with ones (log 0) to a multiple of this,
+  // so that tiny blocks (5 x 5 at n-body) pay no scalar remainder loop.
+  static constexpr int64_t kLogLanes = 16;
+  static int64_t padded(int64_t count) { return (count + kLogLanes - 1) / kLogLanes * kLogLanes; }
 
   template <typename scalar_t>
   void gather(const scalar_t* soft, const bool* mask, int64_t n) {
@@ -559,13 +567,13 @@ struct EntropyBlock {
       if (mask == nullptr || mask[i]) real_nodes.push_back(i);
     }
     m = static_cast<int64_t>(real_nodes.size());
-    clamped.resize(m * m);
-    log_clamped.resize(m * m);
+    clamped.assign(padded(m * m), acc_t(1));
+    log_clamped.resize(padded(m * m));
     active.resize(m * m);
     inverse_row_sum.resize(m);
-    log_row_sum.resize(m);
-    inverse_column_sum.assign(m, acc_t(0));
-    log_column_sum.resize(m);
+    inverse_column_sum.resize(m);
+    sums.assign(padded(2 * m), acc_t(1));
+    log_sums.resize(padded(2 * m));
     if (m == n) {
       clamp_entries(m * m, soft, clamped.data(), active.data());
     } else {
@@ -576,16 +584,18 @@ struct EntropyBlock {
       }
       clamp_entries(m * m, clamped.data(), clamped.data(), active.data());
     }
-    log_entries(m * m, clamped.data(), log_clamped.data());
-    // the sums first, then their logs in vector loops, then their reciprocals
-    for (int64_t ii = 0; ii < m; ++ii) {
-      inverse_row_sum[ii] = add_row(m, clamped.data() + ii * m, inverse_column_sum.data());
-    }
-    log_entries(m, inverse_row_sum.data(), log_row_sum.data());
-    log_entries(m, inverse_column_sum.data(), log_column_sum.data());
+    log_entries(padded(m * m), clamped.data(), log_clamped.data());
+    // the sums first, then their logs in one vector loop, then their reciprocals
+    acc_t* row_sum = sums.data();
+    acc_t* column_sum = sums.data() + m;
+    std::fill(column_sum, column_sum + m, acc_t(0));
+    for (int64_t ii = 0; ii < m; ++ii) row_sum[ii] = add_row(m, clamped.data() + ii * m, column_sum);
+    log_entries(padded(2 * m), sums.data(), log_sums.data());
+    log_row_sum = log_sums.data();
+    log_column_sum = log_sums.data() + m;
     for (int64_t e = 0; e < m; ++e) {
-      inverse_row_sum[e] = acc_t(1) / inverse_row_sum[e];
-      inverse_column_sum[e] = acc_t(1) / inverse_column_sum[e];
+      inverse_row_sum[e] = acc_t(1) / row_sum[e];
+      inverse_column_sum[e] = acc_t(1) / column_sum[e];
     }
   }
 
@@ -702,7 +712,7 @@ acc_t block_entropy(const EntropyBlock<acc_t>& block) {
   acc_t total = 0;
   for (int64_t ii = 0; ii < m; ++ii) {
     total += entropy_row(m, block.clamped.data() + ii * m, block.log_clamped.data() + ii * m,
-                         block.inverse_column_sum.data(), block.log_column_sum.data(), block.inverse_row_sum[ii],
+                         block.inverse_column_sum.data(), block.log_column_sum, block.inverse_row_sum[ii],
                          block.log_row_sum[ii]);
   }
   return total;
@@ -758,7 +768,7 @@ void entropy_backward_kernel(const at::Tensor& grad, const at::Tensor& soft, con
       weight.resize(m);
       for (int64_t ii = 0; ii < m; ++ii) {
         row_mean[ii] = entropy_slopes_row(m, block.clamped.data() + ii * m, block.log_clamped.data() + ii * m,
-                                          block.inverse_column_sum.data(), block.log_column_sum.data(),
+                                          block.inverse_column_sum.data(), block.log_column_sum,
                                           block.inverse_row_sum[ii], block.log_row_sum[ii],
                                           column_slope.data() + ii * m, row_slope.data() + ii * m,
                                           column_mean.data());
