@@ -227,15 +227,16 @@ def _channel_center(center: torch.Tensor, channels: int, position_channels: Opti
 
 
 def _node_mask_like(mask: Optional[torch.Tensor], value: torch.Tensor, node_dims: Tuple[int, ...]) -> Optional[torch.Tensor]:
-    """Broadcast a ``(B, n)`` mask over ``value`` whose node dims are ``node_dims``."""
+    """Broadcast a ``(B, n)`` mask (or ``(B, k, n)``, per sample) over ``value`` whose node dims
+    are ``node_dims``."""
     if mask is None:
         return None
     shape = [1] * value.dim()
-    shape[0] = mask.shape[0]
+    shape[: mask.dim() - 1] = mask.shape[:-1]
     out = None
     for dim in node_dims:
         s = list(shape)
-        s[dim] = mask.shape[1]
+        s[dim] = mask.shape[-1]
         m = mask.reshape(s)
         out = m if out is None else out & m
     return out
@@ -496,14 +497,7 @@ class Group:
 
 def zero_padding_views(value: torch.Tensor, view_mask: torch.Tensor, node_dims: Tuple[int, ...]) -> torch.Tensor:
     """:func:`zero_padding` for ``(B, k, ...)`` views with a per-sample mask ``(B, k, n)``."""
-    shape = [1] * value.dim()
-    shape[0], shape[1] = view_mask.shape[0], view_mask.shape[1]
-    m = None
-    for dim in node_dims:
-        s = list(shape)
-        s[dim] = view_mask.shape[2]
-        part = view_mask.reshape(s)
-        m = part if m is None else m & part
+    m = _node_mask_like(view_mask, value, node_dims)
     return torch.where(m, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
