@@ -75,13 +75,7 @@ void frame_unapply_mean_kernel(const scalar_t* y, const scalar_t* R, const int64
   const acc_t samples = static_cast<acc_t>(k);
   at::parallel_for(0, batch * n, grain_for(k * 3 * point_size), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(point_size);
-    int64_t b = begin / n;
-    int64_t i = begin - b * n;
-    for (int64_t row = begin; row < end; ++row, ++i) {
-      if (i == n) {
-        i = 0;
-        ++b;
-      }
+    for_each_node_row(begin, end, n, [&](int64_t row, int64_t b, int64_t i) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         const int64_t sample = b * k + j;
@@ -103,7 +97,7 @@ void frame_unapply_mean_kernel(const scalar_t* y, const scalar_t* R, const int64
         if (center != nullptr) value += static_cast<acc_t>(center[b * point_size + m]);
         target[m] = static_cast<scalar_t>(value);
       }
-    }
+    });
   });
 }
 

@@ -147,13 +147,7 @@ void scatter_mean_nodes(const scalar_t* y, const int64_t* position, scalar_t* ou
   const acc_t samples = static_cast<acc_t>(k);
   at::parallel_for(0, batch * n, grain_for(k * features), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(features);
-    int64_t b = begin / n;
-    int64_t i = begin - b * n;
-    for (int64_t row = begin; row < end; ++row, ++i) {
-      if (i == n) {
-        i = 0;
-        ++b;
-      }
+    for_each_node_row(begin, end, n, [&](int64_t row, int64_t b, int64_t i) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         const int64_t sample = b * k + j;
@@ -162,7 +156,7 @@ void scatter_mean_nodes(const scalar_t* y, const int64_t* position, scalar_t* ou
       }
       scalar_t* to = out + row * features;
       for (int64_t f = 0; f < features; ++f) to[f] = static_cast<scalar_t>(sum[f] / samples);
-    }
+    });
   });
 }
 
@@ -193,13 +187,7 @@ void scatter_mean_edges(const scalar_t* y, const int64_t* perm, const int64_t* p
   const acc_t samples = static_cast<acc_t>(k);
   at::parallel_for(0, batch * n, grain_for(k * out_row_size), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(out_row_size);
-    int64_t b = begin / n;
-    int64_t i = begin - b * n;
-    for (int64_t row = begin; row < end; ++row, ++i) {
-      if (i == n) {
-        i = 0;
-        ++b;
-      }
+    for_each_node_row(begin, end, n, [&](int64_t row, int64_t b, int64_t i) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       acc_t* into = sum.data();
       for (int64_t j = 0; j < k; ++j) {
@@ -215,7 +203,7 @@ void scatter_mean_edges(const scalar_t* y, const int64_t* perm, const int64_t* p
       }
       scalar_t* to = out + row * out_row_size;
       for (int64_t m = 0; m < out_row_size; ++m) to[m] = static_cast<scalar_t>(into[m] / samples);
-    }
+    });
   });
 }
 

@@ -12,6 +12,21 @@ namespace cpu {
 void invert_permutations(const int64_t* perm, int64_t rows, int64_t k, int64_t n, int64_t* inverse);
 at::Tensor inverse_permutation(const at::Tensor& perm);
 
+// Calls body(row, b, i) for the node rows row = b * n + i in [begin, end), walking (b, i) with
+// counters instead of a division per row (the scatter-means iterate output node rows).
+template <typename Body>
+inline void for_each_node_row(int64_t begin, int64_t end, int64_t n, const Body& body) {
+  int64_t b = begin / n;
+  int64_t i = begin - b * n;
+  for (int64_t row = begin; row < end; ++row, ++i) {
+    if (i == n) {
+      i = 0;
+      ++b;
+    }
+    body(row, b, i);
+  }
+}
+
 at::Tensor permute_nodes(const at::Tensor& x, const at::Tensor& perm);
 at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm);
 at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm);
