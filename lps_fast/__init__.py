@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # The model level: groups, distributions over group elements, backbones and the symmetrizer.
-from . import backbones, distributions, groups, nn, testing  # noqa: E402
-from .symmetrize import Symmetrize  # noqa: E402
+from . import backbones, diagnostics, distributions, groups, nn, testing  # noqa: E402
+from .symmetrize import InputResidual, Symmetrize  # noqa: E402
 
-__all__ += ["Symmetrize", "groups", "distributions", "backbones", "nn", "testing"]
+__all__ += ["Symmetrize", "InputResidual", "diagnostics", "groups", "distributions", "backbones", "nn", "testing"]

@@ -24,6 +24,7 @@ says its shape and how the group acts on it), so a caller can supply it and chec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from . import ops
 from .groups import Group, GroupSample, Inputs, _channel_center, masked_mean_nodes, zero_padding
-from .nn import DenseGIN, VectorNeuronNet
+from .nn import VNDGCNN, BatchNormGIN, DenseGIN, VectorNeuronNet
 
 
 @dataclass(frozen=True)
@@ -268,16 +269,37 @@ class Frame(Distribution):
 class Learned(Distribution):
     """Probabilistic symmetrization: an equivariant network of the input and noise gives ``p(g | x)``.
 
+    The noise makes the network's output a random variable: with ``noise="add"`` (the paper's
+    way, the default) it is added to the network's input, so that the network cannot ignore it
+    and every sample is a different group element; with ``noise="concat"`` it is concatenated as
+    extra input channels instead.
+
+    Networks (``network``):
+
+    * S_n: ``"gin"`` (default) a GIN with layer norm and a virtual node (:class:`DenseGIN`);
+      ``"gin-bn"`` the paper's GIN with batch norm, learnable eps and a virtual graph node
+      (:class:`BatchNormGIN`). Input per node: the node features, the 3-vectors flattened, and
+      (``degree=True``) the weighted degree of each edge channel; noise ~ U[0, noise_scale).
+    * rotation groups: ``"vn"`` (default) a vector-neuron network that also reads the node and
+      edge features as invariant scalars (:class:`VectorNeuronNet`); ``"vn-dgcnn"`` the paper's
+      vector-neuron DGCNN over the 3-vectors alone (:class:`VNDGCNN`: kNN edge convolutions,
+      vector batch norm, dropout). The 3-vectors are centred first for translation groups;
+      noise ~ N(0, noise_scale^2) on every channel.
+
     Args:
         node_dim: features per node in ``inputs['nodes']`` (trailing dims flattened).
         edge_dim: channels of ``inputs['edges']`` (1 for a plain ``(B, n, n)`` adjacency).
         point_channels: ``C`` of ``inputs['points'] (B, n, 3, C)``.
-        hidden, layers: width and depth of the GIN (S_n) or vector-neuron network (paper: 64, 3).
-        noise_scale: S_n: node noise ~ U[0, noise_scale); rotation groups: noise vectors
-            ~ N(0, noise_scale^2) (paper: 1).
-        noise_dim: noise features per node (S_n; default: the node feature count, at least 1),
-            or noise 3-vector channels (rotation groups; default ``point_channels``); the noise is
-            concatenated to the input of the network.
+        hidden, layers: width and depth of the network (paper: 64, 3; ``vn-dgcnn`` has a fixed
+            depth).
+        network: see above (default ``"gin"`` or ``"vn"`` by group).
+        noise: ``"add"`` or ``"concat"``.
+        noise_scale: the noise's scale (paper: 1).
+        noise_dim: with ``noise="concat"``, noise channels per node (S_n; default: the network's
+            input width, at least 1) or noise 3-vector channels (rotation groups; default
+            ``point_channels``).
+        degree: S_n networks also read each node's (masked) edge-weight sums (paper: True).
+        neighbours, dropout: kNN size and vector dropout of ``vn-dgcnn`` (paper: 4, 0.08).
         tau: Sinkhorn temperature (paper: 0.01 for graphs, 0.1 for S_n x O(3)); default by group.
         sinkhorn_iters: Sinkhorn iterations (paper: 20).
         entropy_weight: weight of the permutation entropy in the auxiliary losses (paper: 0.1).
@@ -287,6 +309,9 @@ class Learned(Distribution):
     """
 
     name = "learned"
+    PERMUTATION_NETWORKS = ("gin", "gin-bn")
+    ROTATION_NETWORKS = ("vn", "vn-dgcnn")
+    NOISE_MODES = ("add", "concat")
 
     def __init__(
         self,
@@ -295,8 +320,13 @@ class Learned(Distribution):
         point_channels: int = 0,
         hidden: int = 64,
         layers: int = 3,
+        network: Optional[str] = None,
+        noise: str = "add",
         noise_scale: float = 1.0,
         noise_dim: Optional[int] = None,
+        degree: bool = True,
+        neighbours: int = 4,
+        dropout: float = 0.08,
         tau: Optional[float] = None,
         sinkhorn_iters: int = 20,
         entropy_weight: float = 0.1,
@@ -304,39 +334,67 @@ class Learned(Distribution):
         frame_jitter: float = 1e-6,
     ):
         super().__init__()
+        if noise not in self.NOISE_MODES:
+            raise ValueError(f"noise must be one of {self.NOISE_MODES}, got {noise!r}")
+        if noise_dim is not None and noise != "concat":
+            raise ValueError("noise_dim applies to noise='concat' only (added noise has the input's width)")
+        known = self.PERMUTATION_NETWORKS + self.ROTATION_NETWORKS
+        if network is not None and network not in known:
+            raise ValueError(f"network must be one of {known}, got {network!r}")
         self.node_dim, self.edge_dim, self.point_channels = int(node_dim), int(edge_dim), int(point_channels)
         self.hidden, self.layers = hidden, layers
+        self.network_arg, self.noise_mode = network, noise
         self.noise_scale, self.noise_dim_arg = float(noise_scale), noise_dim
+        self.degree, self.neighbours, self.dropout = bool(degree), int(neighbours), float(dropout)
         self.tau_arg, self.sinkhorn_iters, self.entropy_weight = tau, int(sinkhorn_iters), float(entropy_weight)
         self.tie_break, self.frame_jitter = float(tie_break), float(frame_jitter)
+        self.network = ""
+        self.input_dim = 0
         self.noise_dim = 0
         self.tau = 0.0
-        self.gin: Optional[DenseGIN] = None
-        self.vector_net: Optional[VectorNeuronNet] = None
+        self.gin: Optional[nn.Module] = None
+        self.vector_net: Optional[nn.Module] = None
 
     def bind(self, group: Group) -> "Learned":
         if self.group is not None:
             return super().bind(group)
         super().bind(group)
         if group.rotation is None:
-            node_inputs = self.node_dim + 3 * self.point_channels
-            self.noise_dim = max(node_inputs, 1) if self.noise_dim_arg is None else int(self.noise_dim_arg)
-            self.gin = DenseGIN(node_inputs + self.noise_dim, self.edge_dim, self.hidden, self.layers, 1,
-                                virtual_node=True)
+            self.network = self.network_arg or "gin"
+            if self.network not in self.PERMUTATION_NETWORKS:
+                raise ValueError(f"Learned over {group!r} takes network in {self.PERMUTATION_NETWORKS}, got {self.network!r}")
+            degree_dims = self.edge_dim if self.degree else 0
+            # Without any node input the network reads a constant 1 (to which added noise goes).
+            self.input_dim = max(self.node_dim + 3 * self.point_channels + degree_dims, 1)
+            self.noise_dim = self.input_dim if self.noise_mode == "add" else (
+                self.input_dim if self.noise_dim_arg is None else int(self.noise_dim_arg))
+            width = self.input_dim + (self.noise_dim if self.noise_mode == "concat" else 0)
+            if self.network == "gin-bn":
+                self.gin = BatchNormGIN(width, self.edge_dim, self.hidden, self.layers, 1, virtual_node=True)
+            else:
+                self.gin = DenseGIN(width, self.edge_dim, self.hidden, self.layers, 1, virtual_node=True)
         else:
             if self.point_channels < 1:
                 raise ValueError(f"Learned over {group!r} needs point_channels >= 1 (the 3-vector inputs)")
-            self.noise_dim = self.point_channels if self.noise_dim_arg is None else int(self.noise_dim_arg)
-            self.vector_net = VectorNeuronNet(
-                self.point_channels + self.noise_dim, self.node_dim + self.edge_dim, self.hidden, self.layers,
-                scores=group.permutation,
-            )
+            self.network = self.network_arg or "vn"
+            if self.network not in self.ROTATION_NETWORKS:
+                raise ValueError(f"Learned over {group!r} takes network in {self.ROTATION_NETWORKS}, got {self.network!r}")
+            self.input_dim = self.point_channels
+            self.noise_dim = self.point_channels if (self.noise_mode == "add" or self.noise_dim_arg is None) \
+                else int(self.noise_dim_arg)
+            channels = self.point_channels + (self.noise_dim if self.noise_mode == "concat" else 0)
+            if self.network == "vn-dgcnn":
+                self.vector_net = VNDGCNN(channels, self.hidden, self.neighbours, self.dropout, scores=group.permutation)
+            else:
+                self.vector_net = VectorNeuronNet(channels, self.node_dim + self.edge_dim, self.hidden, self.layers,
+                                                  scores=group.permutation)
         self.tau = float(self.tau_arg) if self.tau_arg is not None else (0.1 if group.rotation is not None else 0.01)
         return self
 
     def extra_repr(self) -> str:
-        return (f"noise_scale={self.noise_scale}, noise_dim={self.noise_dim}, tau={self.tau}, "
-                f"sinkhorn_iters={self.sinkhorn_iters}, entropy_weight={self.entropy_weight}")
+        return (f"network={self.network!r}, noise={self.noise_mode!r}, noise_scale={self.noise_scale}, "
+                f"noise_dim={self.noise_dim}, tau={self.tau}, sinkhorn_iters={self.sinkhorn_iters}, "
+                f"entropy_weight={self.entropy_weight}")
 
     def noise_spec(self, inputs, k):
         group = self._require_group()
@@ -355,13 +413,21 @@ class Learned(Distribution):
 
     def _check_dims(self, inputs: Inputs) -> None:
         got = {
-            "node_dim": 0 if inputs.nodes is None else inputs.nodes[0, 0].numel(),
-            "edge_dim": 0 if inputs.edges is None else inputs.edges[0, 0, 0].numel(),
+            "node_dim": 0 if inputs.nodes is None else math.prod(inputs.nodes.shape[2:]),
+            "edge_dim": 0 if inputs.edges is None else math.prod(inputs.edges.shape[3:]),
             "point_channels": 0 if inputs.points is None else inputs.points.shape[-1],
         }
         for name, value in got.items():
             if value != getattr(self, name):
                 raise ValueError(f"Learned was built with {name}={getattr(self, name)} but the inputs have {value}")
+
+    def _with_noise(self, clean: torch.Tensor, noise: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+        """The network input of every sample: ``clean (B, k, ...)`` plus or beside the noise."""
+        if noise is None:
+            return clean
+        if self.noise_mode == "add":
+            return clean + noise
+        return torch.cat([clean, noise], dim=dim)
 
     def forward(self, inputs, noise, k):
         group = self._require_group()
@@ -374,14 +440,12 @@ class Learned(Distribution):
         sample = GroupSample(k=k)
         aux: Dict[str, torch.Tensor] = {}
         if group.rotation is None:
-            parts = []
-            features = inputs.node_features()
-            if features is not None:
-                parts.append(features[:, None].expand(batch, k, n, features.shape[-1]))
-            if self.noise_dim > 0:
-                parts.append(self._noise(noise, "nodes", specs["nodes"]) if "nodes" in specs
-                             else features.new_zeros(batch, k, n, self.noise_dim))
-            x = torch.cat(parts, dim=-1) if parts else None
+            features = self._node_input(inputs, edges)  # [B, n, input_dim]
+            clean = features[:, None].expand(batch, k, n, self.input_dim)
+            node_noise = self._noise(noise, "nodes", specs["nodes"]) if "nodes" in specs else None
+            if node_noise is None and self.noise_mode == "concat" and self.noise_dim > 0:
+                node_noise = features.new_zeros(batch, k, n, self.noise_dim)
+            x = zero_padding(self._with_noise(clean, node_noise, dim=-1), mask, (2,))
             scores = self.gin(x, edges, mask, leading=(batch, k, n))[..., 0]  # [B, k, n]
         else:
             sample.center = group.center(inputs)
@@ -389,16 +453,25 @@ class Learned(Distribution):
             if sample.center is not None:
                 points = points - _channel_center(sample.center, points.shape[-1], group.position_channels)[:, None]
                 points = zero_padding(points, mask, (1,))
-            vectors = points[:, None].expand(batch, k, *points.shape[1:])  # [B, k, n, 3, C]
-            if self.noise_dim > 0:
-                noise_vectors = (self._noise(noise, "points", specs["points"]) if "points" in specs
-                                 else points.new_zeros(batch, k, n, 3, self.noise_dim))
-                vectors = torch.cat([vectors, noise_vectors], dim=-1)
-            scalars = self._scalar_features(inputs, edges)
-            if scalars is not None:
-                scalars = scalars[:, None].expand(batch, k, n, scalars.shape[-1])
-            rows, scores = self.vector_net(vectors.transpose(-1, -2), scalars, None if mask is None else mask[:, None])
-            frame_vectors = rows.transpose(-1, -2)  # [B, k, 3, 3]: columns are the three vectors
+            clean = points[:, None].expand(batch, k, *points.shape[1:])  # [B, k, n, 3, C]
+            point_noise = self._noise(noise, "points", specs["points"]) if "points" in specs else None
+            if point_noise is None and self.noise_mode == "concat" and self.noise_dim > 0:
+                point_noise = points.new_zeros(batch, k, n, 3, self.noise_dim)
+            if point_noise is not None and mask is not None:
+                point_noise = zero_padding(point_noise, mask, (2,))
+            vectors = self._with_noise(clean, point_noise, dim=-1)  # [B, k, n, 3, C']
+            if self.network == "vn-dgcnn":
+                sample_mask = None if mask is None else mask[:, None].expand(batch, k, n).reshape(batch * k, n)
+                frame_vectors, scores = self.vector_net(vectors.reshape(batch * k, *vectors.shape[2:]), sample_mask)
+                frame_vectors = frame_vectors.reshape(batch, k, 3, 3)
+                scores = None if scores is None else scores.reshape(batch, k, n)
+            else:
+                scalars = self._scalar_features(inputs, edges)
+                if scalars is not None:
+                    scalars = scalars[:, None].expand(batch, k, n, scalars.shape[-1])
+                rows, scores = self.vector_net(vectors.transpose(-1, -2), scalars, None if mask is None else mask[:, None])
+                frame_vectors = rows.transpose(-1, -2)
+            # frame_vectors: [B, k, 3, 3], columns are the three vectors
             if "frame_jitter" in specs:
                 frame_vectors = frame_vectors + self._noise(noise, "frame_jitter", specs["frame_jitter"])
             sample.rotation = ops.gram_schmidt(frame_vectors, proper=group.proper)
@@ -409,6 +482,18 @@ class Learned(Distribution):
             if self.entropy_weight > 0:
                 aux["entropy"] = self.entropy_weight * ops.permutation_entropy(sample.soft, mask)
         return sample, aux
+
+    def _node_input(self, inputs: Inputs, edges: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(B, n, input_dim)``: node features, flattened 3-vectors and weighted degrees (or 1)."""
+        parts = []
+        features = inputs.node_features()
+        if features is not None:
+            parts.append(features)
+        if self.degree and edges is not None:
+            parts.append(edges.sum(dim=2))  # padded rows and columns are zero already
+        if not parts:
+            return torch.ones(inputs.batch, inputs.n, 1, dtype=inputs.dtype, device=inputs.device)
+        return zero_padding(torch.cat(parts, dim=-1), inputs.mask, (1,))
 
     def _scalar_features(self, inputs: Inputs, edges: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """O(3)-invariant per-node features: node features and the mean of each edge channel."""
@@ -430,10 +515,10 @@ class Canonical(Learned):
     name = "canonical"
 
     def __init__(self, **kwargs):
-        for key in ("noise_scale", "noise_dim", "tie_break", "frame_jitter"):
+        for key in ("noise", "noise_scale", "noise_dim", "tie_break", "frame_jitter"):
             if key in kwargs:
                 raise TypeError(f"Canonical takes no {key!r}: it draws no noise")
-        super().__init__(noise_scale=0.0, noise_dim=0, tie_break=0.0, frame_jitter=0.0, **kwargs)
+        super().__init__(noise="add", noise_scale=0.0, tie_break=0.0, frame_jitter=0.0, **kwargs)
 
     def num_samples(self, requested: int) -> int:
         return 1

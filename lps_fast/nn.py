@@ -4,9 +4,15 @@
   optional virtual node; permutation-equivariant, padded nodes masked out of every sum.
 * :class:`VNLinear`, :class:`VNLeakyReLU`, :class:`VectorNeuronNet`: vector neurons (Deng et
   al., 2021) on ``(..., C, 3)`` features: O(3)-equivariant, permutation-equivariant over nodes.
+* :class:`BatchNormGIN` and :class:`VNDGCNN`: the distribution networks of the paper's
+  experiments (a GIN with batch norm and a virtual graph node; a vector-neuron DGCNN with kNN
+  edge convolutions and vector batch norm, on channel-last ``(..., 3, C)`` vectors).
 
-Normalisation is per node (LayerNorm), never across the batch, so a graph gives the same
-output alone or padded inside a batch.
+``DenseGIN`` and ``VectorNeuronNet`` normalise per node (LayerNorm), never across the batch, so
+a graph gives the same output alone or padded inside a batch. ``BatchNormGIN`` and ``VNDGCNN``
+use batch statistics in training mode (over the real nodes of the batch only; padding never
+enters them) and running statistics in eval mode, as the paper's networks do; both stay exactly
+equivariant in either mode, since the statistics are sums over nodes of invariant quantities.
 """
 
 from __future__ import annotations
@@ -212,4 +218,315 @@ class VectorNeuronNet(nn.Module):
         return frame, scores
 
 
-__all__ = ["make_mlp", "DenseGIN", "VNLinear", "VNLeakyReLU", "VectorNeuronNet"]
+# ---------------------------------------------------------------------------------------------
+# Batch-norm networks of the paper's distributions
+
+
+def _broadcast_mask(mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[torch.Tensor]:
+    """``mask`` (leading dims of ``shape``, missing trailing dims broadcast) as a float tensor of
+    ``shape[:-1] + (1,)``."""
+    if mask is None:
+        return None
+    while mask.dim() < len(shape) - 1:
+        mask = mask.unsqueeze(-1)
+    return mask.expand(*shape[:-1]).unsqueeze(-1)
+
+
+class MaskedBatchNorm(nn.Module):
+    """Batch norm of the last dim over the entries a mask selects (padded nodes stay out of the
+    statistics). ``x (..., C)``; ``mask`` bool, broadcastable to ``x.shape[:-1]`` from the left.
+
+    Training mode normalises with the batch mean and (biased) variance and updates running
+    estimates with ``momentum``; eval mode uses the running estimates, like ``nn.BatchNorm1d``.
+    Entries outside the mask are returned transformed but carry no meaning.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.training:
+            selected = _broadcast_mask(mask, x.shape)
+            if selected is None:
+                flat = x.reshape(-1, x.shape[-1])
+                count = flat.new_tensor(float(flat.shape[0]))
+                mean = flat.mean(0)
+                var = (flat - mean).pow(2).mean(0)
+            else:
+                weights = selected.to(x.dtype)
+                count = weights.sum()
+                denominator = count.clamp_min(1.0)
+                mean = (x * weights).reshape(-1, x.shape[-1]).sum(0) / denominator
+                var = ((x - mean).pow(2) * weights).reshape(-1, x.shape[-1]).sum(0) / denominator
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1).clamp_min(1.0))
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class _BatchNormMLP(nn.Module):
+    """``Linear -> MaskedBatchNorm -> ReLU -> Linear`` (the two-layer MLP inside a GIN layer)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.first, self.norm, self.second = nn.Linear(in_dim, hidden), MaskedBatchNorm(hidden), nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.second(torch.relu(self.norm(self.first(x), mask)))
+
+
+class BatchNormGIN(nn.Module):
+    """The paper's graph distribution network: GIN layers with batch norm and a virtual node.
+
+    Layer ``l``: ``h_i <- ReLU(BN(MLP((1 + eps_l) h_i + sum_j A_ij h_j + h_v)))`` with a learnable
+    ``eps_l`` (initialised in [0, 1)). The virtual node ``v`` is an extra graph node, linked to
+    every real node in both directions and to itself, whose input is a learned vector; it runs
+    through the same layers (``h_v <- ... (1 + eps_l) h_v + h_v + sum_i h_i``). The first layer
+    reads the raw node input (no embedding). With ``edge_dim > 1`` the neighbour sums of each edge
+    channel are mixed by a linear map; with one channel it is the plain adjacency sum.
+
+    Shapes: ``x (B, *S, n, in_dim)``, ``edges (B, n, n, C)`` shared by the sample dims ``*S``,
+    ``mask (B, n)``; output ``(B, *S, n, out_dim)`` for the real nodes (padded nodes are 0).
+    """
+
+    def __init__(self, in_dim: int, edge_dim: int, hidden: int = 64, layers: int = 3, out_dim: int = 1,
+                 virtual_node: bool = True):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.in_dim, self.edge_dim, self.hidden = max(int(in_dim), 1), int(edge_dim), int(hidden)
+        widths = [self.in_dim] + [self.hidden] * layers
+        self.eps = nn.Parameter(torch.rand(layers))
+        self.edge_mixes = nn.ModuleList(
+            [nn.Linear(self.edge_dim * widths[i], widths[i], bias=False) for i in range(layers)]
+            if self.edge_dim > 1 else []
+        )
+        self.mlps = nn.ModuleList([_BatchNormMLP(widths[i], self.hidden, self.hidden) for i in range(layers)])
+        self.norms = nn.ModuleList([MaskedBatchNorm(self.hidden) for _ in range(layers)])
+        self.virtual_node = nn.Parameter(torch.randn(self.in_dim)) if virtual_node else None
+        self.head = nn.Linear(self.hidden, out_dim)
+
+    def _neighbour_sum(self, layer: int, edges: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.edge_dim == 1:
+            return torch.matmul(edges[..., 0].reshape(edges.shape[0], *([1] * (h.dim() - 3)), *edges.shape[1:3]), h)
+        per_channel = torch.einsum("bijc,b...jd->b...icd", edges, h)
+        return self.edge_mixes[layer](per_channel.flatten(-2))
+
+    def forward(self, x: Optional[torch.Tensor], edges: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                leading: Tuple[int, ...] = ()) -> torch.Tensor:
+        if x is None:
+            x = torch.ones(*leading, 1, dtype=self.head.weight.dtype, device=self.head.weight.device)
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"BatchNormGIN expects {self.in_dim} input features per node, got {x.shape[-1]}")
+        node_mask = None if mask is None else mask.reshape(mask.shape[0], *([1] * (x.dim() - 3)), mask.shape[-1])
+        h = _mask_features(x, node_mask)
+        virtual = None
+        if self.virtual_node is not None:
+            virtual = self.virtual_node.to(x.dtype).expand(*x.shape[:-2], self.in_dim)
+        for layer in range(len(self.mlps)):
+            scale = 1 + self.eps[layer]
+            update = scale * h
+            if edges is not None and self.edge_dim > 0:
+                update = update + self._neighbour_sum(layer, edges, h)
+            if virtual is not None:
+                update = update + virtual[..., None, :]
+                virtual_update = (scale + 1) * virtual + h.sum(dim=-2)
+                # One batch-norm population: the real nodes and the virtual node of every graph.
+                stacked = torch.cat([update, virtual_update[..., None, :]], dim=-2)
+                stacked_mask = None
+                if node_mask is not None:
+                    ones = torch.ones_like(node_mask[..., :1]).expand(*node_mask.shape[:-1], 1)
+                    stacked_mask = torch.cat([node_mask, ones], dim=-1)
+                out = torch.relu(self.norms[layer](self.mlps[layer](stacked, stacked_mask), stacked_mask))
+                h, virtual = _mask_features(out[..., :-1, :], node_mask), out[..., -1, :]
+            else:
+                out = torch.relu(self.norms[layer](self.mlps[layer](update, node_mask), node_mask))
+                h = _mask_features(out, node_mask)
+        return _mask_features(self.head(h), node_mask)
+
+
+_VN_EPS = 1e-6
+
+
+# The layers below keep 3-vectors channel-last, ``(..., 3, C)`` (the layout of ``points``), so
+# that every channel mixing is one plain matrix product over the last dim.
+
+
+class VNBatchNorm(nn.Module):
+    """Vector batch norm: each 3-vector keeps its direction and its norm is batch-normalised.
+    ``v (..., 3, C)``; ``mask`` selects the entries of the statistics (broadcast from the left)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = MaskedBatchNorm(channels)
+
+    def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        length = (v * v).sum(dim=-2).sqrt() + _VN_EPS  # [..., C] (norm() over a middle dim is slow)
+        return v * (self.norm(length, mask) / length).unsqueeze(-2)
+
+
+class VNLinearLeakyReLU(nn.Module):
+    """``linear -> VNBatchNorm -> VN leaky ReLU`` on ``(..., 3, C)``; the nonlinearity's directions
+    are a linear map of the layer *input* (one shared direction with ``shared_direction``): the
+    component of a vector along its direction is scaled by ``negative_slope`` where they point
+    apart."""
+
+    def __init__(self, in_channels: int, out_channels: int, shared_direction: bool = False, negative_slope: float = 0.2):
+        super().__init__()
+        self.linear = nn.Linear(in_channels, out_channels, bias=False)
+        self.norm = VNBatchNorm(out_channels)
+        self.direction = nn.Linear(in_channels, 1 if shared_direction else out_channels, bias=False)
+        self.negative_slope = negative_slope
+
+    def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        p = self.norm(self.linear(v), mask)
+        d = self.direction(v)
+        dot = (p * d).sum(-2, keepdim=True)
+        scale = torch.where(dot < 0, dot / ((d * d).sum(-2, keepdim=True) + _VN_EPS), torch.zeros_like(dot))
+        return p - (1 - self.negative_slope) * scale * d
+
+
+class VNMaxPool(nn.Module):
+    """Per channel, the vector of largest projection on a learned direction, over dim ``dim`` of
+    ``v (..., 3, C)`` (a node or neighbour dim left of the xyz dim). ``valid`` (bool, the shape of
+    ``v`` up to that dim) excludes entries."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.direction = nn.Linear(channels, channels, bias=False)
+
+    def forward(self, v: torch.Tensor, dim: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dim = dim % v.dim()
+        score = (v * self.direction(v)).sum(-2)  # [..., C] without the xyz dim
+        if valid is not None:
+            while valid.dim() < score.dim():
+                valid = valid.unsqueeze(-1)
+            score = score.masked_fill(~valid, float("-inf"))
+        # argmax along a trailing dim is much faster than along a middle one
+        index = score.movedim(dim, -1).contiguous().argmax(-1).unsqueeze(dim)  # [..., 1 at dim, ..., C]
+        index = index.unsqueeze(-2).expand(*v.shape[:dim], 1, *v.shape[dim + 1:])
+        return torch.gather(v, dim, index).squeeze(dim)
+
+
+def knn_neighbours(v: torch.Tensor, k: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Indices ``(N, n, k)`` of the ``k`` nearest nodes of each node (itself included) by the
+    distance of the flattened features ``v (N, n, ...)``; padded nodes are never neighbours and
+    slots beyond the real nodes repeat the node itself (harmless under max pooling)."""
+    flat = v.detach().flatten(2)
+    squared = (flat * flat).sum(-1)
+    distance = squared[:, :, None] + squared[:, None, :] - 2 * torch.matmul(flat, flat.transpose(1, 2))
+    n = v.shape[1]
+    k = min(k, n)
+    if mask is not None:
+        distance = distance.masked_fill(~mask[:, None, :], float("inf"))
+    # The node itself first, whatever rounding says about its distance.
+    eye = torch.eye(n, dtype=torch.bool, device=v.device)
+    distance = distance.masked_fill(eye, float("-inf"))
+    nearest, index = torch.topk(distance, k, dim=-1, largest=False)
+    if mask is not None:
+        itself = torch.arange(n, device=v.device)[None, :, None].expand_as(index)
+        index = torch.where(torch.isinf(nearest) & (nearest > 0), itself, index)
+    return index
+
+
+def edge_features(v: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """``[v_j - v_i, v_i]`` (channels) for each node ``i`` and neighbour ``j``: ``v (N, n, 3, C)``
+    -> ``(N, n, k, 3, 2C)``."""
+    batch, n, k = neighbours.shape
+    flat = v.reshape(batch, n, -1)
+    rows = torch.arange(batch, device=v.device)[:, None, None]
+    gathered = flat[rows, neighbours].reshape(batch, n, k, *v.shape[2:])
+    centre = v[:, :, None].expand_as(gathered)
+    return torch.cat([gathered - centre, centre], dim=-1)
+
+
+def _vector_dropout(v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout of whole 3-vectors of ``(..., 3, C)`` (dropping coordinates would break equivariance)."""
+    if not training or p <= 0:
+        return v
+    keep = torch.empty(*v.shape[:-2], 1, v.shape[-1], dtype=v.dtype, device=v.device).bernoulli_(1 - p) / (1 - p)
+    return v * keep
+
+
+def _mask_vectors(v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return v if mask is None else v * mask[..., None, None].to(v.dtype)
+
+
+class VNDGCNN(nn.Module):
+    """The paper's n-body distribution network: a vector-neuron DGCNN over 3-vector channels.
+
+    Two kNN edge convolutions (neighbours recomputed from the features of each layer; each a
+    ``VNLinearLeakyReLU`` on ``[v_j - v_i, v_i]`` with vector batch norm, max-pooled over the
+    neighbours), a third per-node layer on both, concatenated with its mean over nodes. Outputs:
+
+    * ``frame (N, 3, 3)``, *columns* the three equivariant vectors: a max-pool over nodes of the
+      first layer's features, mapped to 3 vectors;
+    * ``scores (N, n)`` (with ``scores=True``), invariant per node: the features projected on a
+      learned equivariant per-node frame, with a max-pool over nodes for global context.
+
+    Shapes: ``points (N, n, 3, C)`` (the layout of ``inputs['points']``), ``mask (N, n)`` bool or
+    None. ``hidden`` is split in 3-vector channels of ``hidden // 3``.
+    """
+
+    def __init__(self, vector_channels: int, hidden: int = 64, neighbours: int = 4, dropout: float = 0.08,
+                 scores: bool = True, negative_slope: float = 0.2):
+        super().__init__()
+        if vector_channels < 1:
+            raise ValueError(f"VNDGCNN needs at least one 3-vector channel, got {vector_channels}")
+        channels = max(hidden // 3, 4)
+        self.neighbours, self.dropout = int(neighbours), float(dropout)
+        slope = dict(negative_slope=negative_slope)
+        self.conv1 = VNLinearLeakyReLU(2 * vector_channels, channels, **slope)
+        self.conv2 = VNLinearLeakyReLU(2 * channels, channels, **slope)
+        self.pool1, self.pool2 = VNMaxPool(channels), VNMaxPool(channels)
+        self.frame_pool = VNMaxPool(channels)
+        self.frame_head = nn.Linear(channels, 3, bias=False)
+        self.with_scores = scores
+        if scores:
+            self.conv3 = VNLinearLeakyReLU(2 * channels, channels, shared_direction=True, **slope)
+            width = 2 * channels
+            self.std1 = VNLinearLeakyReLU(width, width // 2, **slope)
+            self.std2 = VNLinearLeakyReLU(width // 2, width // 4, **slope)
+            self.std_frame = nn.Linear(width // 4, 3, bias=False)
+            self.score_head = nn.Linear(3 * width + 3 * 2 * channels, 1)
+
+    def _edge_conv(self, v, mask, conv, pool):
+        neighbours = knn_neighbours(v, self.neighbours, mask)
+        features = edge_features(v, neighbours)  # [N, n, k, 3, 2C]
+        valid = None if mask is None else mask[:, :, None].expand(neighbours.shape)
+        return _mask_vectors(pool(conv(features, valid), dim=2, valid=valid), mask)
+
+    def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        x1 = self._edge_conv(points, mask, self.conv1, self.pool1)  # [N, n, 3, C]
+        x2 = self._edge_conv(_vector_dropout(x1, self.dropout, self.training), mask, self.conv2, self.pool2)
+        x2 = _vector_dropout(x2, self.dropout, self.training)
+        frame = self.frame_head(self.frame_pool(x1, dim=1, valid=mask))  # [N, 3, 3]: columns are vectors
+        if not self.with_scores:
+            return frame, None
+        x12 = torch.cat([x1, x2], dim=-1)
+        x = self.conv3(x12, mask)
+        context = _masked_node_mean(x, mask, node_dim=1)[:, None].expand_as(x)
+        x = torch.cat([x, context], dim=-1)  # [N, n, 3, 2C]
+        local = self.std_frame(self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
+        invariant = torch.matmul(x.transpose(-1, -2), local)  # [N, n, 2C, 3]: coordinates in that frame
+        pair_invariant = torch.matmul(x12.transpose(-1, -2), local)
+        pooled = invariant.flatten(-2)
+        if mask is not None:
+            pooled = pooled.masked_fill(~mask[..., None], float("-inf"))
+        pooled = pooled.max(dim=1, keepdim=True).values.expand(-1, x.shape[1], -1)
+        scores = self.score_head(torch.cat([pooled, pair_invariant.flatten(-2)], dim=-1))[..., 0]
+        if mask is not None:
+            scores = scores * mask.to(scores.dtype)
+        return frame, scores
+
+
+__all__ = ["make_mlp", "DenseGIN", "VNLinear", "VNLeakyReLU", "VectorNeuronNet", "MaskedBatchNorm", "BatchNormGIN",
+           "VNBatchNorm", "VNLinearLeakyReLU", "VNMaxPool", "VNDGCNN", "knn_neighbours"]

@@ -21,21 +21,82 @@ The backbone is called once per forward pass on all ``B * k`` transformed inputs
 the keys of the inputs (``nodes (B*k, n, *F)``, ``edges (B*k, n, n, *F)``, ``points
 (B*k, n, 3, C)``, ``globals (B*k, *F)``) plus ``mask (B*k, n)``; it returns a tensor whose
 leading dim is ``B*k`` (or a dict of them when ``output`` is a dict).
+
+A model that predicts a change of its input (n-body: the positions a while later as the input
+positions plus a displacement) passes that part as ``residual``: it is added *after* the
+average, ``phi(x) = r(x) + (1/k) sum_j g_j . f(g_j^-1 . x)``, so it never passes through the
+sampled group elements. Added inside the backbone instead, the input would be transformed by
+``g^-1`` and back by ``g``, and the straight-through estimator would send the distribution a
+gradient even from a backbone that outputs zero. ``r`` must itself be equivariant (the identity
+map of an input is, e.g. :class:`InputResidual`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import _backend
 from .distributions import Distribution, Identity
-from .groups import OUTPUT_KINDS, Group, GroupSample, Inputs, parse
+from .groups import OUTPUT_KINDS, Group, GroupSample, Inputs, parse, zero_padding
 
 Output = Union[torch.Tensor, Dict[str, torch.Tensor]]
+Residual = Callable[[Dict[str, torch.Tensor]], Output]
+
+
+class InputResidual(nn.Module):
+    """The residual ``r(x)`` that returns an input entry unchanged: ``inputs[key][..., channels]``.
+
+    ``InputResidual("points", channels=(0,))`` gives the positions ``(B, n, 3, 1)`` of a model whose
+    ``points`` hold ``[position, velocity]``; with ``squeeze=True`` a single channel is returned
+    as ``(B, n, 3)``. Equivariant by construction, so the symmetrized model stays equivariant.
+    """
+
+    def __init__(self, key: str = "points", channels: Optional[Sequence[int]] = None, squeeze: bool = False):
+        super().__init__()
+        self.key, self.squeeze = key, bool(squeeze)
+        self.channels = None if channels is None else tuple(int(c) for c in channels)
+        if self.squeeze and (self.channels is None or len(self.channels) != 1):
+            raise ValueError("squeeze=True needs exactly one channel")
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, channels={self.channels}, squeeze={self.squeeze}"
+
+    def kind(self, group: Group) -> Optional[str]:
+        """How ``group`` acts on the returned value (an output kind), or None when no single kind
+        describes it (points channels that mix translated and untranslated ones)."""
+        if self.key == "nodes":
+            return "node"
+        if self.key == "edges":
+            return "edge"
+        if self.key == "globals":
+            return "invariant"
+        if self.key != "points":
+            return None
+        if not group.translation:
+            return "vector"
+        channels = set(self.channels) if self.channels is not None else None
+        positions = set(group.position_channels)
+        if channels is not None and channels <= positions:
+            return "position"
+        if channels is not None and not channels & positions:
+            return "vector"
+        return None
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if inputs.get(self.key) is None:
+            raise ValueError(f"InputResidual reads inputs[{self.key!r}], which the inputs do not have")
+        value = inputs[self.key]
+        if self.channels is None:
+            return value
+        if max(self.channels) >= value.shape[-1]:
+            raise ValueError(f"InputResidual channels {self.channels} out of range for inputs[{self.key!r}] "
+                             f"with {value.shape[-1]} channels")
+        out = value[..., list(self.channels)]
+        return out[..., 0] if self.squeeze else out
 
 
 class Symmetrize(nn.Module):
@@ -51,6 +112,9 @@ class Symmetrize(nn.Module):
             kinds: ``invariant``, ``node``, ``edge``, ``diagonal``, ``vector``, ``position``.
         backend: ``"fast"`` (the fastest kernels built) or ``"reference"`` (the pure-PyTorch
             specification), or a provider name accepted by ``lps_fast.use_backend``.
+        residual: an equivariant function of the inputs dict added to the averaged output (a
+            dict of them for dict outputs, with a subset of the output names), e.g.
+            :class:`InputResidual`; see the module docstring.
 
     ``forward(inputs, noise=None)`` returns ``(output, aux_losses)``. ``noise`` (a dict, see
     :meth:`draw_noise`) fixes every random draw, so that
@@ -66,6 +130,7 @@ class Symmetrize(nn.Module):
         eval_n_samples: Optional[int] = None,
         output: Union[str, Mapping[str, str]] = "invariant",
         backend: str = "fast",
+        residual: Optional[Residual] = None,
     ):
         super().__init__()
         self.group = parse(group) if isinstance(group, str) else group
@@ -88,6 +153,19 @@ class Symmetrize(nn.Module):
         if backend != "fast" and backend not in _backend.PROVIDERS:
             raise ValueError(f"backend must be 'fast' or one of {_backend.PROVIDERS}, got {backend!r}")
         self.backend = backend
+        if residual is not None and not callable(residual):
+            raise TypeError(f"residual must be a callable of the inputs dict, got {type(residual).__name__}")
+        self.residual = residual
+
+    @property
+    def output_kinds(self) -> Union[str, Dict[str, str]]:
+        """The kind of what :meth:`forward` returns: ``output``, except that a vector output plus a
+        residual of positions (:class:`InputResidual` of position channels) is a position."""
+        kind_of = getattr(self.residual, "kind", None)
+        residual_kind = kind_of(self.group) if callable(kind_of) else None
+        if isinstance(self.output, str) and residual_kind == "position" and self.output == "vector":
+            return "position"
+        return self.output
 
     def extra_repr(self) -> str:
         return (f"group={self.group!r}, n_samples={self.n_samples}, eval_n_samples={self.eval_n_samples}, "
@@ -176,7 +254,34 @@ class Symmetrize(nn.Module):
                     raise ValueError(f"the backbone returned no {missing}")
                 output = {name: self._unflatten_and_average(result[name], kind, sample, batch, k, name)
                           for name, kind in self.output.items()}
+        if self.residual is not None:
+            output = self._add_residual(output, batch)
         return output, aux
+
+    def _add_residual(self, output: Output, batch: Inputs) -> Output:
+        value = self.residual(batch.to_dict())
+        if isinstance(output, torch.Tensor):
+            return output + self._checked_residual(value, output, self.output, batch, "output")
+        if not isinstance(value, Mapping):
+            raise TypeError(f"output is a dict {sorted(output)}: the residual must return a dict of some of its names")
+        unknown = sorted(set(value) - set(output))
+        if unknown:
+            raise ValueError(f"the residual returned {unknown}, which are not outputs ({sorted(output)})")
+        out = dict(output)
+        for name, extra in value.items():
+            out[name] = output[name] + self._checked_residual(extra, output[name], self.output[name], batch, name)
+        return out
+
+    @staticmethod
+    def _checked_residual(value, output: torch.Tensor, kind: str, batch: Inputs, name: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(output.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"residual for {name} must have the shape of the symmetrized {name} "
+                             f"{tuple(output.shape)}, got {shape}")
+        node_dims = {"node": (1,), "diagonal": (1,), "vector": (1,), "position": (1,), "edge": (1, 2)}.get(kind)
+        if node_dims is not None:
+            value = zero_padding(value, batch.mask, node_dims)  # padded nodes stay exactly 0
+        return value.to(output.dtype)
 
     def _unflatten_and_average(self, y: torch.Tensor, kind: str, sample: GroupSample, batch: Inputs,
                                k: int, name: str) -> torch.Tensor:
@@ -187,4 +292,4 @@ class Symmetrize(nn.Module):
         return self.group.transform_output(sample, y, kind, batch.mask)
 
 
-__all__ = ["Symmetrize"]
+__all__ = ["Symmetrize", "InputResidual"]

@@ -60,7 +60,8 @@ def assert_equivariant(
             then ``group`` and ``output`` are required and no noise is passed).
         inputs: the inputs dict (``nodes``, ``edges``, ``points``, ``globals``, ``mask``).
         group: the group to check (default ``model.group``).
-        output: output kind(s) (default ``model.output``).
+        output: output kind(s) (default ``model.output_kinds``: ``model.output``, or ``position`` for a
+            vector output with a residual of positions).
         noise: the random draws ``eps`` (default: drawn with ``generator``).
         element: the group element ``g`` (default: a random one, with ``generator``).
         dtype: run a copy of the model and the inputs in this dtype (float64 by default, so
@@ -74,7 +75,7 @@ def assert_equivariant(
     """
     is_symmetrized = isinstance(model, Symmetrize)
     group = group if group is not None else getattr(model, "group", None)
-    kinds = output if output is not None else getattr(model, "output", None)
+    kinds = output if output is not None else getattr(model, "output_kinds", getattr(model, "output", None))
     if group is None or kinds is None:
         raise ValueError("assert_equivariant needs group and output for a model that is not lps_fast.Symmetrize")
     if dtype is not None:
