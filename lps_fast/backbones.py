@@ -12,6 +12,10 @@ returns ``(N, out_dim)`` for ``output="invariant"``, ``(N, n, out_dim)`` for ``"
   with ``identifiers=False`` (or :class:`GIN`) it is a plain, 1-WL-bounded GIN.
 * :class:`Transformer`: a transformer encoder whose tokens are the nodes (particles), with a
   learned embedding of each token's position.
+* :class:`PairTransformer`: a transformer encoder whose ``n x n`` tokens are the node pairs
+  (node inputs on the diagonal tokens, edge features on every token), with a learned embedding
+  of each token's position; node and vector outputs come from the diagonal tokens (the paper's
+  n-body backbone).
 * :class:`ViT`: a timm Vision Transformer reading the permuted ``n x n x C`` adjacency image
   (node features on the diagonal, padded to the ViT grid), optionally initialised from a local
   checkpoint file, with a projection of the patch tokens back to an ``n x n`` output (use the
@@ -241,6 +245,69 @@ class Transformer(nn.Module):
         return y.reshape(n_graphs, n, 3, self.out_dim) if self.output == "vector" else y
 
 
+class PairTransformer(nn.Module):
+    """A transformer encoder over the ``n x n`` node pairs as tokens (the paper's n-body backbone).
+
+    Token ``(i, j)`` reads the edge features ``edges[i, j]`` and, on the diagonal ``i == j``,
+    node ``i``'s inputs ``[nodes_i, points_i (flattened)]`` (zeros elsewhere), plus a learned
+    embedding of its position in the grid. Pre-norm encoder layers with GELU and a final layer
+    norm; pairs that touch a padded node are masked out of attention and of the output. The
+    head (``ReLU, Linear, ReLU, Linear``) maps each token to its output.
+
+    Args:
+        max_nodes: the largest graph (``max_nodes^2`` position embeddings).
+        node_dim, edge_dim, point_channels: input sizes.
+        d_model, heads, layers, dim_feedforward, dropout: encoder sizes (paper n-body: 64, 4, 8,
+            64, 0).
+        out_dim; output: ``vector`` (``(n, 3, out_dim)`` from the diagonal tokens), ``node``
+            (``(n, out_dim)``, diagonal), ``edge`` (``(n, n, out_dim)``, every token) or
+            ``invariant`` (the mean over real tokens).
+    """
+
+    def __init__(self, max_nodes: int, node_dim: int = 0, edge_dim: int = 0, point_channels: int = 0,
+                 d_model: int = 64, heads: int = 4, layers: int = 8, dim_feedforward: Optional[int] = None,
+                 dropout: float = 0.0, out_dim: int = 1, output: str = "vector"):
+        super().__init__()
+        self.max_nodes, self.out_dim = max_nodes, out_dim
+        self.output = _check_output(output, ("node", "edge", "vector", "invariant"), "PairTransformer")
+        self.node_dim, self.point_channels, self.edge_dim = node_dim, point_channels, edge_dim
+        self.node_inputs = node_dim + 3 * point_channels
+        self.embed = nn.Linear(self.node_inputs + edge_dim + 1, d_model)
+        self.positions = nn.Parameter(torch.randn(max_nodes, max_nodes, d_model))
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward or d_model, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        per_token = out_dim * (3 if output == "vector" else 1)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.ReLU(),
+                                  nn.Dropout(dropout), nn.Linear(d_model, per_token))
+
+    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = _mask(views)
+        n_graphs, n = mask.shape
+        if n > self.max_nodes:
+            raise ValueError(f"graph has {n} nodes, more than max_nodes={self.max_nodes}")
+        dtype = self.embed.weight.dtype
+        pairs = mask[:, :, None] & mask[:, None, :]  # [N, n, n]
+        parts = [pairs[..., None].to(dtype)]
+        if self.node_inputs:
+            nodes = _masked_nodes(views, mask, self.node_dim, self.point_channels)  # [N, n, F]
+            parts.append(torch.diag_embed(nodes.transpose(1, 2)).permute(0, 2, 3, 1))  # on the diagonal
+        if self.edge_dim:
+            parts.append(_masked_edges(views, mask, self.edge_dim))
+        tokens = self.embed(torch.cat(parts, dim=-1)) + self.positions[:n, :n]
+        hidden = self.encoder(tokens.reshape(n_graphs, n * n, -1), src_key_padding_mask=~pairs.reshape(n_graphs, n * n))
+        hidden = hidden.reshape(n_graphs, n, n, -1)
+        if self.output == "invariant":
+            weights = pairs[..., None].to(dtype)
+            pooled = (hidden * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1.0)
+            return self.head(pooled)
+        if self.output == "edge":
+            return self.head(hidden) * pairs[..., None].to(dtype)
+        y = self.head(torch.diagonal(hidden, dim1=1, dim2=2).transpose(1, 2)) * mask[..., None].to(dtype)
+        return y.reshape(n_graphs, n, 3, self.out_dim) if self.output == "vector" else y
+
+
 class ViT(nn.Module):
     """A timm Vision Transformer on the permuted adjacency image.
 
@@ -319,4 +386,4 @@ class ViT(nn.Module):
         return image[:, :n, :n] * pairs.to(image.dtype)
 
 
-__all__ = ["MLP", "GINID", "GIN", "Transformer", "ViT"]
+__all__ = ["PairTransformer", "MLP", "GINID", "GIN", "Transformer", "ViT"]

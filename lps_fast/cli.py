@@ -124,8 +124,13 @@ Each run writes config.json, log.jsonl, best.pt, last.pt and metrics.json to --o
 
 
 def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bool = True) -> None:
-    from lps_fast.train.config import BACKENDS, DEVICES, DISTRIBUTIONS, SCHEDULES
+    from lps_fast.train.config import (BACKENDS, DEVICES, DIST_NETWORKS, DISTRIBUTIONS, NOISE_MODES, PRESETS,
+                                       SCHEDULES, SELECTIONS)
 
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="paper: the settings of the paper's own code for this task (backbone, distribution "
+                             "network, samples, schedule, epochs, test protocol; sized for a GPU); options given "
+                             "explicitly still win")
     sym = parser.add_argument_group("symmetrization")
     sym.add_argument("--group", help="symmetry group: Sn for graphs; SnxE3 (default), SnxO3, SnxSO3, SnxSE3, E3, O3, "
                                      "SE3, SO3 or Sn for n-body")
@@ -136,13 +141,19 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
                               "sample), none (the plain backbone)")
     sym.add_argument("--samples", type=_positive_int, help="group samples per input in training (k)")
     sym.add_argument("--eval-samples", type=_positive_int, help="group samples per input in evaluation")
+    sym.add_argument("--test-samples", type=_positive_int,
+                     help="group samples per input on the test split (default: --eval-samples; paper n-body: 200)")
 
     model = parser.add_argument_group("backbone")
-    model.add_argument("--backbone", choices=("mlp", "gin-id", "gin", "transformer", "vit"),
-                       help="the network to symmetrize (nbody: transformer or mlp)")
+    model.add_argument("--backbone", choices=("mlp", "gin-id", "gin", "transformer", "pair-transformer", "vit"),
+                       help="the network to symmetrize (nbody: transformer over particles, pair-transformer over "
+                            "the n x n particle pairs as in the paper, or mlp)")
     model.add_argument("--width", type=_positive_int, help="hidden width (MLP layers, GIN, transformer d_model, ViT "
                                                            "embedding)")
     model.add_argument("--layers", type=_positive_int, help="hidden layers / blocks")
+    model.add_argument("--hidden-sizes", metavar="W1,W2,...",
+                       help="MLP hidden widths, e.g. 2048,4096,2048,10 (the paper's EXP MLP); overrides --width x "
+                            "--layers")
     model.add_argument("--heads", type=_positive_int, help="attention heads (transformer, ViT)")
     model.add_argument("--patch-size", type=_positive_int, help="ViT patch size in adjacency pixels")
     model.add_argument("--vit-model", help="timm ViT architecture (default vit_tiny_patch16_224, resized)")
@@ -150,6 +161,13 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
                                                 "then the architecture is the pretrained one")
 
     dist = parser.add_argument_group("learned distribution")
+    dist.add_argument("--dist-network", choices=DIST_NETWORKS,
+                      help="the equivariant network of p(g|x): gin or gin-bn (the paper's, batch norm) for Sn; "
+                           "vn or vn-dgcnn (the paper's vector-neuron DGCNN) with rotations")
+    dist.add_argument("--noise", choices=NOISE_MODES,
+                      help="how the noise enters the network: add (to its inputs, the paper's) or concat")
+    dist.add_argument("--knn", type=_positive_int, help="neighbours of the vn-dgcnn edge convolutions (4)")
+    dist.add_argument("--dist-dropout", type=_non_negative_float, help="vector dropout of vn-dgcnn (0.08)")
     dist.add_argument("--dist-width", type=_positive_int, help="width of the equivariant network of p(g|x) (64)")
     dist.add_argument("--dist-layers", type=_positive_int, help="its layers (3)")
     dist.add_argument("--tau", type=_non_negative_float, help="Sinkhorn temperature (0.01 graphs, 0.1 with rotations)")
@@ -166,12 +184,19 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
     opt.add_argument("--eval-batch-size", type=_positive_int, help="graphs per evaluation batch (default: --batch-size)")
     opt.add_argument("--lr", type=_non_negative_float, help="peak learning rate of AdamW")
     opt.add_argument("--weight-decay", type=_non_negative_float, help="AdamW weight decay")
-    opt.add_argument("--schedule", choices=SCHEDULES, help="learning rate after warmup (default cosine to 0)")
+    opt.add_argument("--schedule", choices=SCHEDULES,
+                     help="learning rate after warmup: constant (the paper's), cosine or linear to 0 (task default)")
     opt.add_argument("--warmup", type=_non_negative_float, help="linear warmup, as a fraction of the run (0.05)")
     opt.add_argument("--grad-clip", type=_non_negative_float, help="clip the gradient norm to this (0: off)")
     opt.add_argument("--eval-every", type=_positive_int, default=1, help="validate every N epochs (default 1)")
-    opt.add_argument("--test-trials", type=_positive_int, default=1,
-                     help="average the test metric over N draws of the noise (reports the std too)")
+    opt.add_argument("--test-trials", type=_positive_int,
+                     help="average the test metric over N draws of the noise (reports the std too; paper n-body 5)")
+    opt.add_argument("--select", choices=SELECTIONS,
+                     help="keep the checkpoint with the best validation metric, or the lowest validation loss "
+                          "(the paper's choice; task default)")
+    opt.add_argument("--iso-seeds", type=_positive_int,
+                     help="exp-iso, graph8c: also count pairs separated by any of N untrained models (seeds "
+                          "0..N-1), the paper's protocol with N = 100")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="PATH", help="exp.npz / graph8c.g6, or a folder holding them (exp-iso, "
@@ -195,9 +220,10 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
     run.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
 
-_CONFIG_KEYS = ("group", "distribution", "samples", "eval_samples", "backbone", "width", "layers", "heads",
-                "patch_size", "vit_model", "vit_checkpoint", "dist_width", "dist_layers", "tau", "entropy_weight",
-                "noise_scale", "epochs", "time_budget", "max_batches", "batch_size", "eval_batch_size", "lr",
+_CONFIG_KEYS = ("preset", "group", "distribution", "samples", "eval_samples", "test_samples", "backbone", "width",
+                "layers", "hidden_sizes", "heads", "patch_size", "vit_model", "vit_checkpoint", "dist_network",
+                "noise", "knn", "dist_dropout", "dist_width", "dist_layers", "tau", "entropy_weight",
+                "noise_scale", "select", "iso_seeds", "epochs", "time_budget", "max_batches", "batch_size", "eval_batch_size", "lr",
                 "weight_decay", "schedule", "warmup", "grad_clip", "eval_every", "test_trials", "data", "n_train",
                 "n_val", "n_test", "limit", "fold", "data_seed", "seed", "device", "backend", "threads", "out",
                 "quiet")
@@ -306,6 +332,12 @@ def _eval(args: argparse.Namespace) -> int:
                       for key, value in metrics.items())
     print(f"{result['task']} ({args.split}, k={result['eval_samples']}): {shown}")
     return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from lps_fast.train import results
+
+    return results.main(args)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -424,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(plot)
     plot.set_defaults(run=_plot)
+
+    results = commands.add_parser(
+        "results", help="seeded reproduction runs and the report written from them",
+        description="Run the reproduction suites (several seeds, one torch thread per run, records under "
+                    "docs/results/runs) and write docs/results/summary.json and docs/RESULTS.md from the records.")
+    from lps_fast.train.results import add_arguments as add_results_arguments
+
+    add_results_arguments(results)
+    results.set_defaults(run=_results)
 
     tasks = commands.add_parser(
         "tasks", help="list the tasks, their default models and the paper's results",

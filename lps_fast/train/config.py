@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 DISTRIBUTIONS = ("learned", "uniform", "frame", "canonical", "none")
+PRESETS = ("paper",)
+DIST_NETWORKS = ("gin", "gin-bn", "vn", "vn-dgcnn")
+NOISE_MODES = ("add", "concat")
+SELECTIONS = ("metric", "loss")
 BACKENDS = ("fast", "reference")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -23,20 +27,28 @@ class TrainConfig:
     """One run. ``None`` means "the task's default" (see ``lps-fast train TASK --help``)."""
 
     task: str
+    # "paper": the official settings of the paper's code (they fill the fields left None)
+    preset: Optional[str] = None
     # symmetrization
     group: Optional[str] = None
     distribution: str = "learned"
     samples: Optional[int] = None
     eval_samples: Optional[int] = None
+    test_samples: Optional[int] = None  # samples per input on the test split (default eval_samples)
     # backbone
     backbone: Optional[str] = None
     width: Optional[int] = None
     layers: Optional[int] = None
+    hidden_sizes: Optional[str] = None  # MLP widths, e.g. "2048,4096,2048,10" (overrides width x layers)
     heads: Optional[int] = None
     patch_size: Optional[int] = None
     vit_model: Optional[str] = None
     vit_checkpoint: Optional[str] = None
     # learned distribution
+    dist_network: Optional[str] = None
+    noise: Optional[str] = None  # "add" (the paper) or "concat"
+    knn: Optional[int] = None  # vn-dgcnn neighbours
+    dist_dropout: Optional[float] = None  # vn-dgcnn vector dropout
     dist_width: Optional[int] = None
     dist_layers: Optional[int] = None
     tau: Optional[float] = None
@@ -54,7 +66,9 @@ class TrainConfig:
     warmup: Optional[float] = None  # fraction of the run
     grad_clip: Optional[float] = None
     eval_every: int = 1
-    test_trials: int = 1
+    test_trials: Optional[int] = None
+    select: Optional[str] = None  # the best checkpoint by the validation "metric" or "loss"
+    iso_seeds: Optional[int] = None  # isomorphism tasks: untrained models of seeds 0..N-1, pairs separated by any
     # data
     data: Optional[str] = None
     n_train: Optional[int] = None
@@ -109,4 +123,5 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-__all__ = ["TrainConfig", "parse_duration", "format_duration", "DISTRIBUTIONS", "BACKENDS", "DEVICES", "SCHEDULES"]
+__all__ = ["TrainConfig", "parse_duration", "format_duration", "DISTRIBUTIONS", "BACKENDS", "DEVICES", "SCHEDULES",
+           "PRESETS", "DIST_NETWORKS", "NOISE_MODES", "SELECTIONS"]

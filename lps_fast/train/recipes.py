@@ -11,10 +11,14 @@ pattern         Sn, ViT on the adjacency   class-weighted cross-entropy per node
 csl             Sn, GIN with node ids      cross-entropy over 10 skip lengths          ``accuracy``
 ==============  =========================  ==========================================  ====================
 
-The defaults follow the paper (Kim et al., NeurIPS 2023; its repository jw9730/lps) with sizes
-scaled to a CPU budget; every one can be overridden (:class:`~lps_fast.train.config.TrainConfig`).
-Where the paper's n-body model is called "Sn x O3" it centers the positions first and predicts a
-displacement: here that is the group ``SnxE3`` (O(3) about the centroid) with a residual backbone.
+Two sets of settings per task. The defaults follow the paper (Kim et al., NeurIPS 2023) with
+sizes scaled to a CPU budget; ``preset="paper"`` (``--preset paper``) gives the settings of the
+paper's own code instead (backbone sizes, distribution network, samples, schedule, epochs, test
+protocol), for a GPU. Either way every field can still be overridden
+(:class:`~lps_fast.train.config.TrainConfig`): explicit values win over the preset, the preset over
+the defaults. Where the paper's n-body model is called "Sn x O3" it centers the positions first
+and predicts a displacement added to the input positions after the average: here that is the
+group ``SnxE3`` (O(3) about the centroid) with an :class:`lps_fast.InputResidual` of the positions.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from lps_fast import distributions as distribution_lib
 from lps_fast import groups as group_lib
 from lps_fast.data import IGNORE_INDEX, DenseBatch, TaskInfo, load_task
 
-from .config import DISTRIBUTIONS, SCHEDULES, TrainConfig
+from .config import DIST_NETWORKS, DISTRIBUTIONS, NOISE_MODES, PRESETS, SCHEDULES, SELECTIONS, TrainConfig
 
 PERMUTATION_GROUPS = ("Sn",)
 PARTICLE_GROUPS = ("SnxE3", "SnxO3", "SnxSE3", "SnxSO3", "E3", "O3", "SE3", "SO3", "Sn")
@@ -55,6 +59,7 @@ class Recipe:
     groups: Tuple[str, ...]
     backbones: Tuple[str, ...]
     defaults: Dict[str, Any] = field(default_factory=dict)
+    paper_settings: Dict[str, Any] = field(default_factory=dict)  # what --preset paper sets
 
     @property
     def trained(self) -> bool:
@@ -67,7 +72,18 @@ class Recipe:
 
 
 _COMMON = dict(schedule="cosine", warmup=0.05, weight_decay=0.0, grad_clip=1.0, dist_width=64, dist_layers=3,
-               entropy_weight=0.1, noise_scale=1.0, heads=4, patch_size=None, vit_model="vit_tiny_patch16_224")
+               entropy_weight=0.1, noise_scale=1.0, heads=4, patch_size=None, vit_model="vit_tiny_patch16_224",
+               noise="add", knn=4, dist_dropout=0.08, test_trials=1, select="metric", iso_seeds=1)
+
+# The settings of the paper's code (Kim et al., NeurIPS 2023), task by task.
+_PAPER_NBODY = dict(group="SnxE3", backbone="pair-transformer", width=64, layers=8, heads=4, dist_network="vn-dgcnn",
+                    dist_width=64, knn=4, dist_dropout=0.08, noise="add", noise_scale=1.0, tau=0.1,
+                    entropy_weight=0.1, samples=20, eval_samples=20, test_samples=200, test_trials=5, batch_size=100,
+                    lr=1e-3, weight_decay=1e-12, schedule="constant", warmup=0.0, grad_clip=0.0, epochs=10000,
+                    n_train=3000, n_val=2000, n_test=2000, select="loss")
+_PAPER_GRAPH_DISTRIBUTION = dict(dist_network="gin-bn", dist_width=64, dist_layers=3, noise="add", noise_scale=1.0,
+                                 tau=0.01, entropy_weight=0.1, samples=10, eval_samples=10)
+_PAPER_EXP_MLP = "2048,4096,2048,10"
 
 RECIPES: Dict[str, Recipe] = {
     "nbody": Recipe(
@@ -76,9 +92,11 @@ RECIPES: Dict[str, Recipe] = {
         paper="transformer with learned Sn x O3 symmetrization, 20 samples, 10,000 epochs: test MSE 0.00417 "
               "(canonicalization 0.00779)",
         objective="mse", metric="mse", higher_is_better=False,
-        groups=PARTICLE_GROUPS, backbones=("transformer", "mlp"),
+        groups=PARTICLE_GROUPS, backbones=("transformer", "pair-transformer", "mlp"),
         defaults=dict(_COMMON, group="SnxE3", backbone="transformer", width=64, layers=4, samples=4, eval_samples=20,
-                      batch_size=100, lr=1e-3, grad_clip=0.0, epochs=100, n_train=3000, n_val=1000, n_test=2000),
+                      dist_network="vn-dgcnn", schedule="constant", warmup=0.0, batch_size=100, lr=1e-3,
+                      grad_clip=0.0, epochs=100, n_train=3000, n_val=1000, n_test=2000, select="loss"),
+        paper_settings=_PAPER_NBODY,
     ),
     "exp-classify": Recipe(
         name="exp-classify",
@@ -87,7 +105,11 @@ RECIPES: Dict[str, Recipe] = {
         objective="cross_entropy", metric="accuracy", higher_is_better=True,
         groups=PERMUTATION_GROUPS, backbones=GRAPH_BACKBONES,
         defaults=dict(_COMMON, group="Sn", backbone="mlp", width=512, layers=2, samples=10, eval_samples=10,
-                      batch_size=100, lr=1e-3, epochs=100, warmup=0.1, grad_clip=0.1),
+                      dist_network="gin-bn", schedule="constant", batch_size=100, lr=1e-3, epochs=100, warmup=0.1,
+                      grad_clip=0.1, select="loss"),
+        paper_settings=dict(_PAPER_GRAPH_DISTRIBUTION, backbone="mlp", hidden_sizes=_PAPER_EXP_MLP, batch_size=100,
+                            lr=1e-3, weight_decay=0.0, schedule="constant", warmup=0.1, grad_clip=0.1, epochs=2000,
+                            test_samples=10, select="loss"),
     ),
     "exp-iso": Recipe(
         name="exp-iso",
@@ -96,7 +118,9 @@ RECIPES: Dict[str, Recipe] = {
         objective="none", metric="pairs_separated", higher_is_better=True,
         groups=PERMUTATION_GROUPS, backbones=GRAPH_BACKBONES,
         defaults=dict(_COMMON, group="Sn", backbone="mlp", width=512, layers=2, samples=10, eval_samples=10,
-                      batch_size=100, lr=0.0, epochs=0),
+                      dist_network="gin-bn", batch_size=100, lr=0.0, epochs=0),
+        paper_settings=dict(_PAPER_GRAPH_DISTRIBUTION, backbone="mlp", hidden_sizes="2048,4096,2048", batch_size=100,
+                            iso_seeds=100),
     ),
     "graph8c": Recipe(
         name="graph8c",
@@ -105,7 +129,9 @@ RECIPES: Dict[str, Recipe] = {
         objective="none", metric="pairs_not_separated", higher_is_better=False,
         groups=PERMUTATION_GROUPS, backbones=GRAPH_BACKBONES,
         defaults=dict(_COMMON, group="Sn", backbone="mlp", width=128, layers=2, samples=10, eval_samples=10,
-                      batch_size=500, lr=0.0, epochs=0),
+                      dist_network="gin-bn", batch_size=500, lr=0.0, epochs=0),
+        paper_settings=dict(_PAPER_GRAPH_DISTRIBUTION, backbone="mlp", hidden_sizes="128,64", batch_size=500,
+                            iso_seeds=100),
     ),
     "pattern": Recipe(
         name="pattern",
@@ -139,6 +165,17 @@ def get_recipe(task: str) -> Recipe:
     return RECIPES[key]
 
 
+def parse_hidden_sizes(text: str) -> Tuple[int, ...]:
+    """``"2048,4096,2048,10"`` -> ``(2048, 4096, 2048, 10)`` (positive widths)."""
+    try:
+        sizes = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated positive integers such as 2048,4096,2048, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"expected comma-separated positive integers such as 2048,4096,2048, got {text!r}")
+    return sizes
+
+
 def _canonical_group(name: str) -> str:
     """``'sn x o3'`` -> ``'SnxO3'`` (the spelling of the recipes' lists)."""
     group = group_lib.parse(name)
@@ -154,7 +191,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     recipe = get_recipe(config.task)
     values = dataclasses.asdict(config)
     values["task"] = recipe.name
-    for key, default in recipe.defaults.items():
+    if config.preset is not None and config.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
+    if config.preset == "paper" and not recipe.paper_settings:
+        raise ValueError(f"task {recipe.name} has no paper preset (its defaults are the paper's setup)")
+    defaults = dict(recipe.defaults, **(recipe.paper_settings if config.preset == "paper" else {}))
+    for key, default in defaults.items():
         if key == "epochs" and values.get("time_budget") is not None:
             continue  # a time budget alone runs as many epochs as fit
         if values.get(key) is None:
@@ -173,8 +215,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
                          f"choose from {', '.join(recipe.backbones)}")
     if resolved.schedule not in SCHEDULES:
         raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {resolved.schedule!r}")
-    positive = ("samples", "eval_samples", "batch_size", "width", "layers", "heads", "dist_width", "dist_layers",
-                "eval_every", "test_trials")
+    for key, allowed in (("dist_network", DIST_NETWORKS), ("noise", NOISE_MODES), ("select", SELECTIONS)):
+        value = getattr(resolved, key)
+        if value is not None and value not in allowed:
+            raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+    if resolved.hidden_sizes is not None:
+        try:
+            sizes = parse_hidden_sizes(resolved.hidden_sizes)
+        except ValueError as error:
+            raise ValueError(f"--hidden-sizes: {error}") from None
+        resolved.hidden_sizes = ",".join(str(size) for size in sizes)
+    positive = ("samples", "eval_samples", "test_samples", "batch_size", "width", "layers", "heads", "dist_width",
+                "dist_layers", "eval_every", "test_trials", "knn", "iso_seeds")
     for key in positive:
         value = getattr(resolved, key)
         if value is not None and value < 1:
@@ -191,7 +243,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--warmup is a fraction of the run in [0, 1), got {resolved.warmup}")
     if resolved.backbone == "vit" and resolved.width % resolved.heads:
         raise ValueError(f"--width {resolved.width} must be a multiple of --heads {resolved.heads} for the ViT")
-    if resolved.backbone == "transformer" and resolved.width % resolved.heads:
+    if resolved.dist_dropout is not None and not 0 <= resolved.dist_dropout < 1:
+        raise ValueError(f"--dist-dropout must be in [0, 1), got {resolved.dist_dropout}")
+    if resolved.backbone in ("transformer", "pair-transformer") and resolved.width % resolved.heads:
         raise ValueError(f"--width {resolved.width} must be a multiple of --heads {resolved.heads}")
     return resolved
 
@@ -259,21 +313,6 @@ def make_inputs(batch: DenseBatch, info: TaskInfo) -> Dict[str, torch.Tensor]:
 # Models
 
 
-class ResidualPositions(nn.Module):
-    """Predict a displacement: the input positions (``points`` channel 0) plus the backbone's vectors.
-
-    Inside :class:`lps_fast.Symmetrize` the positions a backbone sees are ``g^-1 . x``, so the
-    symmetrized output is ``x + mean_j g_j . f(g_j^-1 . x)``: still equivariant.
-    """
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return views["points"][..., 0:1] + self.backbone(views)  # [N, n, 3, 1]
-
-
 class TanhOutput(nn.Module):
     """``tanh`` of a backbone's output: the bounded embeddings of the paper's isomorphism tests."""
 
@@ -288,7 +327,7 @@ class TanhOutput(nn.Module):
 def _output_kind(recipe: Recipe, backbone: str) -> Tuple[str, str]:
     """``(kind the backbone emits, kind Symmetrize returns)``."""
     if recipe.objective == "mse":
-        return "vector", "position"
+        return "vector", "vector"  # a displacement; the input positions are added after the average
     if recipe.objective == "weighted_cross_entropy":
         return ("edge", "diagonal") if backbone == "vit" else ("node", "node")
     return "invariant", "invariant"
@@ -311,7 +350,8 @@ def build_backbone(config: TrainConfig, info: TaskInfo) -> nn.Module:
     name = config.backbone
     if name == "mlp":
         activation = nn.Tanh if recipe.objective == "none" else nn.ReLU
-        backbone = backbone_lib.MLP(dims.max_nodes, point_channels=dims.point_channels, hidden=(config.width,) * config.layers,
+        hidden = parse_hidden_sizes(config.hidden_sizes) if config.hidden_sizes else (config.width,) * config.layers
+        backbone = backbone_lib.MLP(dims.max_nodes, point_channels=dims.point_channels, hidden=hidden,
                                     out_dim=out_dim, output=emitted, activation=activation, **sizes)
     elif name in ("gin", "gin-id"):
         backbone = backbone_lib.GINID(dims.max_nodes, point_channels=dims.point_channels, hidden=config.width,
@@ -321,6 +361,10 @@ def build_backbone(config: TrainConfig, info: TaskInfo) -> nn.Module:
         backbone = backbone_lib.Transformer(dims.max_nodes, point_channels=dims.point_channels, d_model=config.width,
                                             heads=config.heads, layers=config.layers, out_dim=out_dim,
                                             output=emitted, **sizes)
+    elif name == "pair-transformer":
+        backbone = backbone_lib.PairTransformer(dims.max_nodes, point_channels=dims.point_channels, d_model=config.width,
+                                                heads=config.heads, layers=config.layers, out_dim=out_dim,
+                                                output=emitted, **sizes)
     elif name == "vit":
         timm_kwargs: Dict[str, Any] = {}
         if config.patch_size:
@@ -331,9 +375,7 @@ def build_backbone(config: TrainConfig, info: TaskInfo) -> nn.Module:
                                     checkpoint=config.vit_checkpoint, **sizes, **timm_kwargs)
     else:  # resolve() rejects these first
         raise ValueError(f"unknown backbone {name!r}")
-    if recipe.objective == "mse":
-        backbone = ResidualPositions(backbone)
-    elif recipe.objective == "none":
+    if recipe.objective == "none":
         backbone = TanhOutput(backbone)
     return backbone
 
@@ -344,11 +386,15 @@ def build_distribution(config: TrainConfig, info: TaskInfo) -> Optional[distribu
     if name == "none":
         return None
     if name in ("learned", "canonical"):
+        rotations = group_lib.parse(config.group).rotation is not None
+        network = config.dist_network
+        if network is not None and (network in ("vn", "vn-dgcnn")) != rotations:
+            network = None  # the default network of the group (e.g. an Sn run of the n-body task)
         kwargs = dict(node_dim=dims.node_dim, edge_dim=dims.edge_dim, point_channels=dims.point_channels,
-                      hidden=config.dist_width, layers=config.dist_layers, tau=config.tau,
-                      entropy_weight=config.entropy_weight)
+                      hidden=config.dist_width, layers=config.dist_layers, network=network, tau=config.tau,
+                      entropy_weight=config.entropy_weight, neighbours=config.knn, dropout=config.dist_dropout)
         if name == "learned":
-            return distribution_lib.Learned(noise_scale=config.noise_scale, **kwargs)
+            return distribution_lib.Learned(noise=config.noise, noise_scale=config.noise_scale, **kwargs)
         return distribution_lib.Canonical(**kwargs)
     return distribution_lib.create(name)
 
@@ -357,6 +403,10 @@ def build_model(config: TrainConfig, info: TaskInfo) -> lps_fast.Symmetrize:
     """The symmetrized model of a resolved config (parameters drawn from torch's global RNG)."""
     recipe = get_recipe(config.task)
     _, returned = _output_kind(recipe, config.backbone)
+    residual = None
+    if recipe.objective == "mse":
+        # positions later = positions now + the symmetrized displacement (added after the average)
+        residual = lps_fast.InputResidual("points", channels=(0,))
     return lps_fast.Symmetrize(
         build_backbone(config, info),
         config.group,
@@ -365,6 +415,7 @@ def build_model(config: TrainConfig, info: TaskInfo) -> lps_fast.Symmetrize:
         eval_n_samples=config.eval_samples,
         output=returned,
         backend=config.backend,
+        residual=residual,
     )
 
 
@@ -462,4 +513,4 @@ class Meter:
 
 __all__ = ["Recipe", "RECIPES", "TASK_NAMES", "get_recipe", "resolve", "load_splits", "input_dims", "InputDims",
            "make_inputs", "build_backbone", "build_distribution", "build_model", "prediction", "task_loss", "Meter",
-           "ResidualPositions", "TanhOutput", "class_balanced_weights", "ISOMORPHISM_THRESHOLD", "EMBEDDING_DIM"]
+           "TanhOutput", "parse_hidden_sizes", "class_balanced_weights", "ISOMORPHISM_THRESHOLD", "EMBEDDING_DIM"]

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -146,14 +146,30 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
 # Evaluation
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, recipe: Recipe, info, dataset, config: TrainConfig,
              context: Optional[distributed.Context] = None, trial: int = 0, desc: str = "eval",
-             show_progress: bool = False) -> Dict[str, float]:
-    """Metrics of ``model`` on ``dataset`` (eval mode, ``eval_samples`` samples), summed over
-    processes under DDP."""
+             show_progress: bool = False, n_samples: Optional[int] = None,
+             diagnostics: bool = False) -> Dict[str, float]:
+    """Metrics of ``model`` on ``dataset`` (eval mode, ``n_samples`` samples, default
+    ``eval_samples``), summed over processes under DDP. With ``diagnostics`` the concentration of
+    the distribution's samples on the first batch is added (``concentration_permutation``,
+    ``concentration_rotation``; see :mod:`lps_fast.diagnostics`).
+
+    The global random state is left as it was (data loaders draw from it), so validating or not
+    does not change the training that follows."""
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model, recipe, info, dataset, config, context, trial, desc, show_progress, n_samples,
+                         diagnostics)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, recipe: Recipe, info, dataset, config: TrainConfig,
+             context: Optional[distributed.Context] = None, trial: int = 0, desc: str = "eval",
+             show_progress: bool = False, n_samples: Optional[int] = None,
+             diagnostics: bool = False) -> Dict[str, float]:
     context = context or distributed.Context()
     model = _unwrap(model)
+    concentration: Dict[str, float] = {}
     was_training = model.training
     model.eval()
     meter = Meter(recipe, info.num_classes)
@@ -169,16 +185,21 @@ def evaluate(model: nn.Module, recipe: Recipe, info, dataset, config: TrainConfi
     for batch in batches:
         batch = batch.to(context.device)
         inputs = make_inputs(batch, info)
-        noise = model.draw_noise(inputs, generator=generator)
+        noise = model.draw_noise(inputs, n_samples=n_samples, generator=generator)
         output, _ = model(inputs, noise=noise)
         meter.update(output, batch, task_loss(recipe, output, batch, info.num_classes))
+        if diagnostics and not concentration:
+            sample, _ = model.sample(inputs, noise=noise)
+            concentration = lps_fast.diagnostics.concentration(sample, inputs.get("mask"))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     context.all_reduce_sum(meter.sums)
     model.train(was_training)
-    return meter.result()
+    result = meter.result()
+    result.update({f"concentration_{name}": value for name, value in concentration.items()})
+    return result
 
 
 @torch.no_grad()
@@ -199,6 +220,20 @@ def embed(model: nn.Module, info, dataset, indices: Sequence[int], config: Train
         output, _ = model(inputs, noise=noise)
         outputs.append(output.double().cpu())
     return torch.cat(outputs)
+
+
+def _close_pairs(embeddings: torch.Tensor, threshold: float, chunk: int = 512) -> torch.Tensor:
+    """``(P, 2)`` indices ``i < j`` of the pairs whose L1 distance is at most ``threshold``."""
+    found = []
+    total = embeddings.shape[0]
+    for start in range(0, total, chunk):
+        rows = embeddings[start:start + chunk]
+        distances = torch.cdist(rows, embeddings, p=1)
+        later = torch.arange(total)[None, :] > torch.arange(start, start + rows.shape[0])[:, None]
+        close = ((distances <= threshold) & later).nonzero()
+        close[:, 0] += start
+        found.append(close)
+    return torch.cat(found) if found else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def _count_close_pairs(embeddings: torch.Tensor, threshold: float, chunk: int = 512) -> int:
@@ -244,7 +279,7 @@ def evaluate_isomorphism(model: nn.Module, info, dataset, config: TrainConfig,
         total_pairs = count * (count - 1) // 2
         separated = total_pairs - _count_close_pairs(embeddings, ISOMORPHISM_THRESHOLD)
         above_noise = total_pairs - _count_close_pairs(embeddings, noise_floor)
-    return {
+    metrics = {
         "graphs": count,
         "pairs": total_pairs,
         "pairs_separated": separated,
@@ -257,13 +292,56 @@ def evaluate_isomorphism(model: nn.Module, info, dataset, config: TrainConfig,
         "noise_floor_l1": noise_floor,
         "pairs_above_noise": above_noise,
     }
+    if (config.iso_seeds or 1) > 1:
+        metrics.update(_separated_by_any_seed(info, dataset, config, device, embeddings, relabelled))
+    return metrics
+
+
+@torch.no_grad()
+def _separated_by_any_seed(info, dataset, config: TrainConfig, device: torch.device,
+                           first: torch.Tensor, first_relabelled: torch.Tensor) -> Dict[str, Any]:
+    """The paper's protocol: untrained models of seeds ``0 .. iso_seeds - 1`` (the run's own model
+    is seed ``config.seed``, passed in as ``first``), each embedding every graph with fresh noise;
+    a pair counts as separated when any model separates it. The same union over seeds of the
+    control (each graph against a relabelled copy of itself) shows how much of it the Monte Carlo
+    noise alone explains."""
+    indices = _indices(dataset, config.limit)
+    threshold = ISOMORPHISM_THRESHOLD
+    pairs = None if dataset.pairs is None else torch.as_tensor(dataset.pairs)
+    if pairs is not None:
+        pairs = pairs[(pairs < len(indices)).all(dim=1)]
+    else:
+        pairs = _close_pairs(first, threshold)  # only pairs no model has separated yet need checking
+    open_pairs = torch.ones(pairs.shape[0], dtype=torch.bool)
+    control_open = torch.ones(len(indices), dtype=torch.bool)
+    total_pairs = len(indices) * (len(indices) - 1) // 2 if dataset.pairs is None else pairs.shape[0]
+    seeds = [config.seed] + [s for s in range(config.iso_seeds) if s != config.seed][:config.iso_seeds - 1]
+    for position, seed in enumerate(seeds):
+        if position == 0:
+            embeddings, relabelled = first, first_relabelled
+        else:
+            torch.manual_seed(seed)
+            model = build_model(config.replace(seed=seed), info).to(device)
+            run = config.replace(seed=seed)
+            embeddings = embed(model, info, dataset, indices, run, device, _eval_generator(run, 0, 0))
+            relabelled = embed(model, info, dataset, indices, run, device, _eval_generator(run, 1, 0),
+                               relabel=torch.Generator().manual_seed(seed + 17))
+        if bool(open_pairs.any()):
+            distance = (embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]).abs().sum(-1)
+            open_pairs &= distance <= threshold
+        control_open &= (embeddings - relabelled).abs().sum(-1) <= threshold
+    not_separated = int(open_pairs.sum())
+    return {"union_seeds": len(seeds), "union_pairs_separated": total_pairs - not_separated,
+            "union_pairs_not_separated": not_separated,
+            "union_control_separated": int((~control_open).sum()), "union_control_pairs": len(indices)}
 
 
 def _test_metrics(model, recipe, info, dataset, config, context, show_progress) -> Dict[str, Any]:
-    """Test metrics; with ``test_trials > 1`` the mean over trials plus ``<metric>_std``."""
+    """Test metrics with ``test_samples`` samples; with ``test_trials > 1`` the mean over trials
+    plus ``<metric>_std``."""
     trials = [evaluate(model, recipe, info, dataset, config, context, trial=trial, desc="test",
-                       show_progress=show_progress)
-              for trial in range(config.test_trials)]
+                       show_progress=show_progress, n_samples=config.test_samples or config.eval_samples)
+              for trial in range(config.test_trials or 1)]
     if len(trials) == 1:
         return trials[0]
     summary = {key: sum(t[key] for t in trials) / len(trials) for key in trials[0]}
@@ -271,6 +349,14 @@ def _test_metrics(model, recipe, info, dataset, config, context, show_progress) 
     summary[f"{recipe.metric}_std"] = float(values.std(unbiased=False))
     summary["trials"] = len(trials)
     return summary
+
+
+def _selection_value(recipe: Recipe, config: TrainConfig, metrics: Dict[str, float]) -> Tuple[float, bool]:
+    """``(value, higher_is_better)`` that picks the best checkpoint: the task metric, or the
+    validation loss (the paper's choice for n-body and EXP)."""
+    if config.select == "loss":
+        return metrics["loss"], False
+    return metrics[recipe.metric], recipe.higher_is_better
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +468,9 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
         "distribution": config.distribution, "group": config.group, "backbone": config.backbone,
         "samples": config.samples, "eval_samples": config.eval_samples, "parameters": parameters,
         "device": str(context.device), "world_size": context.world_size, "backend": config.backend,
-        "seed": config.seed, "paper": recipe.paper,
+        "seed": config.seed, "paper": recipe.paper, "preset": config.preset, "select": config.select,
+        "test_samples": config.test_samples or config.eval_samples, "test_trials": config.test_trials or 1,
+        "dist_network": config.dist_network if config.distribution in ("learned", "canonical") else None,
     }
 
     if not recipe.trained:
@@ -503,18 +591,18 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
                                                    or (config.epochs is not None and epoch == config.epochs))
             if validate:
                 val_metrics = evaluate(raw_model, recipe, info, splits.val, config, context, desc="validation",
-                                       show_progress=bars)
+                                       show_progress=bars, diagnostics=True)
                 last_eval_seconds = time.perf_counter() - eval_start
                 record.update({f"val_{key}": value for key, value in val_metrics.items() if key != "graphs"})
-                value = val_metrics[recipe.metric]
-                if recipe.better(value, best_value):
+                value, higher = _selection_value(recipe, config, val_metrics)
+                if best_value is None or (value > best_value if higher else value < best_value):
                     best_value, best_epoch, best_val = value, epoch, val_metrics
                     best_state = copy.deepcopy(raw_model.state_dict())
                     if out is not None:
                         save_checkpoint(out / "best.pt", raw_model, config, epoch=epoch, step=step, val=val_metrics)
             elif splits.val is None:
                 best_epoch, best_state = epoch, copy.deepcopy(raw_model.state_dict())
-            record[f"best_val_{recipe.metric}"] = best_value
+            record[f"best_val_{recipe.metric}"] = best_val.get(recipe.metric)
             record["epoch_seconds"] = time.perf_counter() - epoch_start
             record["time"] = time.perf_counter() - start
             history.append(record)
@@ -576,7 +664,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
                 f"  control: {test['control_separated']:,} of {test['control_pairs']:,} graphs also 'separated' from a "
                 f"relabelled copy of themselves (sampling noise, median L1 {test['control_median_l1']:.2e})\n"
                 f"  beyond that noise (L1 > {test['noise_floor_l1']:.3g}, the control's 99th percentile): "
-                f"{test['pairs_above_noise']:,} of {test['pairs']:,} pairs separated")
+                f"{test['pairs_above_noise']:,} of {test['pairs']:,} pairs separated"
+                + (f"\n  by any of {test['union_seeds']} model seeds (the paper's protocol): "
+                   f"{test['union_pairs_separated']:,} of {test['pairs']:,} pairs separated "
+                   f"({test['union_pairs_not_separated']:,} not); control: {test['union_control_separated']:,} of "
+                   f"{test['union_control_pairs']:,} graphs 'separated' from themselves" if "union_seeds" in test else ""))
     val = summary.get("val", {})
     std = test.get(f"{metric}_std")
     lines = [f"{summary['task']}: test {metric} {_format_value(test.get(metric))}"
