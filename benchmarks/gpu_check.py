@@ -17,7 +17,6 @@ the device is synchronized, so an asynchronous kernel error is reported against 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,6 +47,10 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 class CheckFailed(AssertionError):
+    pass
+
+
+class Skipped(Exception):
     pass
 
 
@@ -320,11 +323,8 @@ def _bind(fn, *args, **kwargs):
 def _skip(reason: str):
     def run():
         raise Skipped(reason)
+
     return run
-
-
-class Skipped(Exception):
-    pass
 
 
 def large_sinkhorn(provider: str, n: int, device: torch.device, n_iter: int = N_ITER) -> str:
