@@ -1,5 +1,5 @@
 # lps_fast: `make demo` sets up and runs the main job (n-body training, about 5 minutes),
-# `make test` sets up and runs the tests.
+# `make test` sets up and runs the tests, `make gpu-check` runs the GPU check (benchmarks/gpu_check.sh).
 # Setting up creates .venv, installs the pinned stack and builds the extensions; each step is
 # skipped when its inputs have not changed, so a second run starts at once.
 
@@ -12,7 +12,7 @@ BUILD_STAMP := $(VENV)/.extensions-built
 SOURCES     := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench info clean
+.PHONY: setup build demo test bench info gpu-check clean
 
 setup: $(DEPS_STAMP) $(PKG_STAMP) $(BUILD_STAMP)
 
@@ -46,6 +46,12 @@ info: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# The one-call GPU check (benchmarks/gpu_check.sh); it builds the extension itself with the
+# machine's own Python. GPU_CHECK_ARGS=--dry-run runs what needs no GPU.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHON=$${PYTHON:-$(if $(wildcard $(PY)),$(PY),python3)} bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build lps_fast/*.so $(BUILD_STAMP)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch._functorch.config  # not imported by `import torch` alone (run_cases sets an option)
 
 import lps_fast
 from lps_fast import _backend
@@ -972,6 +973,16 @@ def settings_from_args(args: argparse.Namespace, family: str, argv: Optional[Seq
         quiet=args.quiet,
         cold_cache=args.cold_cache,
     )
+
+
+def exit_status(rows: Sequence[dict]) -> int:
+    """The process exit status of a benchmark run: 1 when any provider failed the agreement
+    gate or raised, so that scripts and CI see a red gate without reading the table."""
+    bad = [r for r in rows if r.get("status") in ("mismatch", "error")]
+    for row in bad:
+        print(f"{row['status'].upper()}: {row.get('provider')} {row.get('case')} @ {row.get('scale')} {row.get('mode')}: "
+              f"{str(row.get('error'))[:200]}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def main(family: str, description: str,

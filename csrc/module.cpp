@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <utility>
+
+#include "grid_plan.h"
 
 #ifdef LPS_FAST_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -24,6 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("openmp") = false;
 #endif
+  // The CUDA launchers' grid arithmetic, reachable from tests on any machine.
+  m.def("grid_plan", [](int64_t total, int64_t extent, int threads, int multiprocessors) {
+    const lps_fast::GridPlan plan = lps_fast::plan_grid(total, extent, threads, multiprocessors);
+    return std::make_pair(plan.blocks, plan.int32);
+  }, "(blocks, int32) of a CUDA grid-stride loop over `total` items addressing `extent` elements");
 #ifdef LPS_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_runtime_version", []() {

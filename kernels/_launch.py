@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,3 +23,33 @@ def shapes_only(*tensors: torch.Tensor) -> bool:
     trace (AOTAutograd decomposing the op) must record the kernels, so it is never skipped.
     """
     return INTERPRETING and any(type(t) is FakeTensor for t in tensors)
+
+
+def _wrap(kernel):
+    """``torch.library.wrap_triton(kernel)``, or the kernel itself where torch refuses it.
+
+    Some torch releases accept only ``triton.jit`` functions in ``wrap_triton``; under
+    ``TRITON_INTERPRET=1`` the decorated kernel is an interpreter object, which those reject.
+    The interpreter runs eagerly on CPU tensors, so launching it directly loses nothing.
+    """
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if INTERPRETING:
+            return kernel
+        raise
+
+
+def device_guard(tensor: torch.Tensor):
+    """Makes ``tensor``'s GPU the current device for a launch: Triton launches on the current
+    device, whatever device the arguments live on. A no-op for CPU tensors (interpreter)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid, device_of: torch.Tensor, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the device of ``device_of``, traceable by
+    ``torch.compile`` (through ``wrap_triton``)."""
+    with device_guard(device_of):
+        _wrap(kernel)[grid](*args, **kwargs)

@@ -3,8 +3,10 @@
 The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute but accepts code the
 real compiler rejects, and never lowers to PTX. This module runs every op's host launcher on
 small CPU tensors with the launches recorded instead of executed, then compiles each recorded
-launch (its argument types, constexprs and ``num_warps``) with ``triton.compile`` for the given
-CUDA architectures, down to a cubin with the ptxas that ships with triton::
+launch with ``triton.compile`` for the given CUDA architectures, down to a cubin with the ptxas
+that ships with triton. Each launch is specialized as triton's launcher would specialize it
+(argument types, integers equal to 1 as constexprs, divisibility hints, ``num_warps``), so the
+variants compiled here are the ones a GPU run compiles for the same arguments::
 
     TRITON_INTERPRET=0 python -m lps_fast.kernels.compile_check --arch 80 90
 
@@ -18,25 +20,12 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
-_TRITON_DTYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float64: "fp64",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.uint8: "u8",
-    torch.int8: "i8",
-    torch.int16: "i16",
-}
-
-
 class _Recorder:
-    """Stands in for ``torch.library.wrap_triton``: records ``kernel[grid](*args, **kwargs)``."""
+    """Stands in for ``wrap_triton`` in the launchers: records ``kernel[grid](*args, **kwargs)``."""
 
     def __init__(self):
         self.launches: List[Tuple[object, tuple, dict]] = []
@@ -56,41 +45,27 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording():
+    from . import _launch
+
     recorder = _Recorder()
-    original = torch.library.wrap_triton
-    torch.library.wrap_triton = recorder
+    original = _launch._wrap
+    _launch._wrap = recorder
     try:
         yield recorder
     finally:
-        torch.library.wrap_triton = original
+        _launch._wrap = original
 
 
-def _signature(kernel, args, kwargs):
-    names = list(kernel.arg_names)
-    signature: Dict[str, str] = {}
-    constexprs: Dict[str, object] = {}
-    options = {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i64" if not -(2**31) <= value < 2**31 else "i32"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{name}: cannot type {type(value).__name__}")
-    for name, value in kwargs.items():
-        if name in ("num_warps", "num_stages"):
-            options[name] = value
-        else:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-    missing = [name for name in names if name not in signature]
-    if missing:
-        raise TypeError(f"{kernel.__name__}: arguments not given: {missing}")
-    return signature, constexprs, options
+def specialize(kernel, args, kwargs, backend):
+    """``(signature, constexprs, attrs, options)`` of a launch, as triton's own launcher derives
+    them: integer arguments equal to 1 become constexprs, and integers and pointers divisible by
+    16 carry the divisibility hint. Each distinct result is a separately compiled variant."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
 
 
 def _exercise_ops(dtypes):
@@ -135,31 +110,34 @@ def compile_all(archs=(90,), dtypes=(torch.float32, torch.bfloat16, torch.float1
     """Compile every recorded kernel variant for each architecture; returns the failures."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     with recording() as recorder:
         _exercise_ops(dtypes)
     seen = set()
     failures = []
-    for kernel, args, kwargs in recorder.launches:
-        signature, constexprs, options = _signature(kernel, args, kwargs)
-        key = (kernel.__name__,) + tuple(tuple(sorted(d.items())) for d in (signature, constexprs, options))
-        if key in seen:
-            continue
-        seen.add(key)
-        for arch in archs:
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        for kernel, args, kwargs in recorder.launches:
+            signature, constexprs, attrs, options = specialize(kernel, args, kwargs, backend)
+            key = (arch, kernel.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
+            if key in seen:
+                continue
+            seen.add(key)
             start = time.perf_counter()
             try:
-                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton.compile(source, target=target, options=options.__dict__)
                 status = f"ok ({len(compiled.asm['cubin'])} B cubin)"
             except Exception as exc:  # report every failure, not just the first
                 failures.append((kernel.__name__, arch, constexprs, exc))
                 status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if verbose:
                 types = ",".join(v for v in signature.values() if v.startswith("*"))
+                named = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
                 print(
-                    f"sm_{arch} {kernel.__name__:36s} {types:40s} {constexprs} "
+                    f"sm_{arch} {kernel.__name__:36s} {types:40s} {named} hints={sum(1 for hint in attrs.values() if hint)} "
                     f"{time.perf_counter() - start:5.1f}s {status}",
                     flush=True,
                 )

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from lps_fast import _ops
 
-from ._launch import shapes_only
+from ._launch import launch, shapes_only
 from .permute import inverse_permutation
 
 TILE_ELEMENTS = 2048  # per vector component; three components live in registers at once
@@ -82,12 +82,12 @@ def _frame_apply_kernel(
     x_row = x_ptr + batch * x_stride_b + (node * x_stride_n)[:, None] + (c * x_stride_c)[None, :]
     x0 = tl.load(x_row, mask=load_mask, other=0.0).to(ACC)
     x1 = tl.load(x_row + x_stride_a, mask=load_mask, other=0.0).to(ACC)
-    x2 = tl.load(x_row + 2 * x_stride_a, mask=load_mask, other=0.0).to(ACC)
+    x2 = tl.load(x_row + x_stride_a + x_stride_a, mask=load_mask, other=0.0).to(ACC)
     if HAS_CENTER:
         center_row = center_ptr + batch * center_stride_b + c * center_stride_c
         x0 -= tl.load(center_row, mask=c_inside, other=0.0).to(ACC)[None, :]
         x1 -= tl.load(center_row + center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
-        x2 -= tl.load(center_row + 2 * center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
+        x2 -= tl.load(center_row + center_stride_a + center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
     rotation = R_ptr + batch * R_stride_b + j * R_stride_j
     out_row = out_ptr + ((sample * n + r) * 3 * channels)[:, None] + c[None, :]
     dtype = out_ptr.dtype.element_ty
@@ -147,6 +147,10 @@ def _frame_unapply_mean_kernel(
     acc0 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    # The loop counter is int32: step pointers by the sample strides instead of forming
+    # ``j * stride``, which wraps once it passes 2^31 elements.
+    y_sample = y_ptr + batch * y_stride_b
+    rotation = R_ptr + batch * R_stride_b
     for j in range(0, k):
         sample = batch * k + j
         if HAS_PERM:
@@ -156,12 +160,10 @@ def _frame_unapply_mean_kernel(
             position = i.to(tl.int64)
             valid = i_inside
         load_mask = valid[:, None] & c_inside[None, :]
-        y_sample = y_ptr + batch * y_stride_b + j * y_stride_j
         y_row = y_sample + (position * y_stride_n)[:, None] + (c * y_stride_c)[None, :]
         y0 = tl.load(y_row, mask=load_mask, other=0.0).to(ACC)
         y1 = tl.load(y_row + y_stride_m, mask=load_mask, other=0.0).to(ACC)
-        y2 = tl.load(y_row + 2 * y_stride_m, mask=load_mask, other=0.0).to(ACC)
-        rotation = R_ptr + batch * R_stride_b + j * R_stride_j
+        y2 = tl.load(y_row + y_stride_m + y_stride_m, mask=load_mask, other=0.0).to(ACC)
         acc0 += (
             tl.load(rotation).to(ACC) * y0
             + tl.load(rotation + R_stride_m).to(ACC) * y1
@@ -179,6 +181,8 @@ def _frame_unapply_mean_kernel(
             + tl.load(row2 + R_stride_m).to(ACC) * y1
             + tl.load(row2 + 2 * R_stride_m).to(ACC) * y2
         )
+        y_sample += y_stride_j
+        rotation += R_stride_j
     acc0 = acc0 / k
     acc1 = acc1 / k
     acc2 = acc2 / k
@@ -186,7 +190,7 @@ def _frame_unapply_mean_kernel(
         center_row = center_ptr + batch * center_stride_b + c * center_stride_c
         acc0 += tl.load(center_row, mask=c_inside, other=0.0).to(ACC)[None, :]
         acc1 += tl.load(center_row + center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
-        acc2 += tl.load(center_row + 2 * center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
+        acc2 += tl.load(center_row + center_stride_a + center_stride_a, mask=c_inside, other=0.0).to(ACC)[None, :]
     out_row = out_ptr + ((batch * n + i) * 3 * channels)[:, None] + c[None, :]
     dtype = out_ptr.dtype.element_ty
     tl.store(out_row, acc0.to(dtype), mask=inside)
@@ -226,7 +230,10 @@ def frame_apply(
     block_r, block_c, num_warps = _blocks(n, channels)
     row_blocks = triton.cdiv(n, block_r)
     grid = (batch * k * row_blocks, triton.cdiv(channels, block_c))
-    torch.library.wrap_triton(_frame_apply_kernel)[grid](
+    launch(
+        _frame_apply_kernel,
+        grid,
+        x,
         x,
         R,
         perm_arg,
@@ -261,7 +268,10 @@ def frame_unapply_mean(
     block_r, block_c, num_warps = _blocks(n, channels)
     row_blocks = triton.cdiv(n, block_r)
     grid = (batch * row_blocks, triton.cdiv(channels, block_c))
-    torch.library.wrap_triton(_frame_unapply_mean_kernel)[grid](
+    launch(
+        _frame_unapply_mean_kernel,
+        grid,
+        y,
         y,
         R,
         inverse,

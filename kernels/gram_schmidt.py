@@ -23,7 +23,7 @@ import triton.language as tl
 
 from lps_fast import _ops
 
-from ._launch import shapes_only
+from ._launch import launch, shapes_only
 
 NORM_EPS = tl.constexpr(1e-12)  # the reference's clamp of each column norm
 BLOCK_MATRICES = 128
@@ -274,7 +274,10 @@ def _launch(kernel, inputs, proper: bool, like: torch.Tensor) -> torch.Tensor:
         return out
     block = min(BLOCK_MATRICES, triton.next_power_of_2(int(matrices)))
     grid = (triton.cdiv(matrices, block),)
-    torch.library.wrap_triton(kernel)[grid](
+    launch(
+        kernel,
+        grid,
+        like,
         *inputs,
         out,
         matrices,

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from lps_fast import _ops
 
-from ._launch import shapes_only
+from ._launch import launch, shapes_only
 
 # Elements per program of the gather kernels: enough bytes in flight per SM for the copy-like
 # kernels, small enough to stay in registers. Tests shrink it to reach the multi-block paths.
@@ -177,6 +177,9 @@ def _unpermute_mean_kernel(
     f3 = f[None, None, :]
 
     acc = tl.zeros([BLOCK_R, BLOCK_S, BLOCK_F], dtype=ACC)
+    # The loop counter is int32: step a pointer by the sample stride instead of forming
+    # ``j * y_stride_j``, which wraps once it passes 2^31 elements.
+    y_sample = y_ptr + batch * y_stride_b
     for j in range(0, k):
         sample = batch * k + j
         inverse_row = inverse_ptr + sample * n
@@ -187,12 +190,9 @@ def _unpermute_mean_kernel(
             pos_u = tl.load(inverse_row + u, mask=u_inside, other=-1).to(tl.int64)
             offset = offset + (pos_u * y_stride_col)[None, :, None]
             valid = valid & (pos_u >= 0)[None, :, None]
-        values = tl.load(
-            y_ptr + batch * y_stride_b + j * y_stride_j + offset + f3 * y_stride_f,
-            mask=inside & valid,
-            other=0.0,
-        )
+        values = tl.load(y_sample + offset + f3 * y_stride_f, mask=inside & valid, other=0.0)
         acc += values.to(ACC)
+        y_sample += y_stride_j
     tl.store(out_ptr + out_row * features + f3, (acc / k).to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -231,7 +231,10 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     if inverse.numel() == 0 or shapes_only(perm):
         return inverse
     block = min(triton.next_power_of_2(int(n)), 1024)
-    torch.library.wrap_triton(_inverse_permutation_kernel)[(batch * k, triton.cdiv(n, block))](
+    launch(
+        _inverse_permutation_kernel,
+        (batch * k, triton.cdiv(n, block)),
+        perm,
         perm, inverse, n, BLOCK=block, num_warps=4 if block >= 512 else 1
     )
     return inverse
@@ -264,7 +267,10 @@ def permute(src: torch.Tensor, perm: torch.Tensor, edges: bool) -> torch.Tensor:
     row_blocks = triton.cdiv(n, block_r)
     col_blocks = triton.cdiv(n, block_s) if edges else 1
     grid = (batch * k * row_blocks, col_blocks * triton.cdiv(features, block_f))
-    torch.library.wrap_triton(_permute_kernel)[grid](
+    launch(
+        _permute_kernel,
+        grid,
+        flat,
         flat,
         perm,
         _as_kernel_dtype(out),
@@ -312,7 +318,10 @@ def unpermute_mean(y: torch.Tensor, perm: torch.Tensor, edges: bool, diagonal: b
     row_blocks = triton.cdiv(n, block_r)
     col_blocks = triton.cdiv(n, block_s) if two_dimensional else 1
     grid = (batch * row_blocks, col_blocks * triton.cdiv(features, block_f))
-    torch.library.wrap_triton(_unpermute_mean_kernel)[grid](
+    launch(
+        _unpermute_mean_kernel,
+        grid,
+        flat,
         flat,
         inverse,
         out,

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from lps_fast import _ops
 
-from ._launch import shapes_only
+from ._launch import launch, shapes_only
 
 # Constants of the reference (lps_fast/reference/sinkhorn.py), as constexprs the kernels can read.
 NORM_EPS = tl.constexpr(1e-12)
@@ -243,7 +243,7 @@ def _sinkhorn_sort_kernel(
         U = tl.load(scratch + _FIXED * n + i, mask=(i < n) & (n_iter > 0), other=0.0)
         soft = tl.where(valid, tl.exp(log_kernel - U[:, None] - V[None, :]), 0.0)
         tl.store(
-            soft_matrix + i[:, None] * n + r[None, :],
+            soft_matrix + i.to(tl.int64)[:, None] * n + r[None, :],
             soft.to(soft_ptr.dtype.element_ty),
             mask=(i < n)[:, None] & (r < n)[None, :],
         )
@@ -516,7 +516,7 @@ def _permutation_entropy_backward_kernel(
         grad = (g_p - column_term[None, :]) / column_sum[None, :] + (g_q - row_term[:, None]) / row_sum[:, None]
         grad = tl.where(valid & (S >= tl.full([], ENTROPY_CLAMP, ACC)), grad * scale, 0.0)
         tl.store(
-            out_matrix + i[:, None] * n + r[None, :],
+            out_matrix + i.to(tl.int64)[:, None] * n + r[None, :],
             grad.to(out_ptr.dtype.element_ty),
             mask=(i < n)[:, None] & (r < n)[None, :],
         )
@@ -563,7 +563,10 @@ def sinkhorn_sort(
     scratch_stride = (_FIXED.value + 2) * n
     scratch = torch.empty((batch * k, scratch_stride), dtype=_accumulator_dtype(scores.dtype), device=scores.device)
     block_i, block_n, num_warps = _tile(n, TILE_ELEMENTS)
-    torch.library.wrap_triton(_sinkhorn_sort_kernel)[(batch * k,)](
+    launch(
+        _sinkhorn_sort_kernel,
+        (batch * k,),
+        scores,
         scores,
         _mask_arg(mask, scores),
         soft,
@@ -596,7 +599,10 @@ def sinkhorn_sort_backward(
     scratch = torch.empty((batch * k, scratch_stride), dtype=_accumulator_dtype(scores.dtype), device=scores.device)
     ranks = torch.empty((batch, k, n), dtype=torch.int32, device=scores.device)
     block_i, block_n, num_warps = _tile(n, BACKWARD_TILE_ELEMENTS)
-    torch.library.wrap_triton(_sinkhorn_sort_backward_kernel)[(batch * k,)](
+    launch(
+        _sinkhorn_sort_backward_kernel,
+        (batch * k,),
+        scores,
         grad_soft,
         scores,
         _mask_arg(mask, scores),
@@ -624,7 +630,10 @@ def permutation_entropy(soft: torch.Tensor, mask: Optional[torch.Tensor]) -> tor
     partial = torch.zeros((batch * k,), dtype=_accumulator_dtype(soft.dtype), device=soft.device)
     if batch * k * n > 0 and not shapes_only(soft):
         block_i, block_n, num_warps = _tile(n, TILE_ELEMENTS)
-        torch.library.wrap_triton(_permutation_entropy_kernel)[(batch * k,)](
+        launch(
+            _permutation_entropy_kernel,
+            (batch * k,),
+            soft,
             soft,
             _mask_arg(mask, soft),
             partial,
@@ -648,7 +657,10 @@ def permutation_entropy_backward(grad: torch.Tensor, soft: torch.Tensor, mask: O
     if out.numel() == 0 or shapes_only(grad, soft):
         return out
     block_i, block_n, num_warps = _tile(n, BACKWARD_TILE_ELEMENTS)
-    torch.library.wrap_triton(_permutation_entropy_backward_kernel)[(batch * k,)](
+    launch(
+        _permutation_entropy_backward_kernel,
+        (batch * k,),
+        soft,
         grad.reshape(()).contiguous(),
         soft,
         _mask_arg(mask, soft),

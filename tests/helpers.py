@@ -85,7 +85,8 @@ def clone_inputs(inputs):
 
 def run_with_grads(fn, inputs, upstream=None, seed=1234):
     """Run ``fn(*inputs)`` and backpropagate one shared upstream gradient; returns
-    (outputs, {input index: grad}). ``upstream`` defaults to a seeded random tensor."""
+    (outputs, {input index: grad}). ``upstream`` defaults to a seeded random tensor; either way
+    it is moved to the output's device and dtype."""
     import lps_fast  # noqa: F401
 
     inputs = clone_inputs(inputs)
@@ -95,7 +96,9 @@ def run_with_grads(fn, inputs, upstream=None, seed=1234):
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         if upstream is None:
             generator = torch.Generator().manual_seed(seed)
-            upstream = torch.randn(first.shape, generator=generator, dtype=torch.float64).to(first.dtype)
+            upstream = torch.randn(first.shape, generator=generator, dtype=torch.float64)
+        # drawn on the CPU for reproducibility, then moved to where backward needs it
+        upstream = upstream.to(device=first.device, dtype=first.dtype)
         first.backward(upstream)
         grads = {i: t.grad for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad}
     return out, grads

@@ -3,7 +3,10 @@ tensors, forward and backward, for float32, bfloat16 and float16. Skipped withou
 `benchmarks/gpu_check.sh` runs it on a GPU machine.
 
 The fast path runs in the input dtype (accumulating in float32); the reference runs in float64
-on the same (rounded) inputs, so the comparison measures the fast path's own error.
+on the same (rounded) inputs, so the comparison measures the fast path's own error. Integer
+outputs (Sinkhorn's hard permutation) are compared with the reference run in the input dtype:
+rounding the normalized scores to bfloat16 or float16 creates ties that float64 does not have,
+and the kernels break them as the reference does in that dtype.
 """
 
 import pytest
@@ -53,13 +56,16 @@ def compare_gpu(op, inputs, backend, dtype, exact_forward=False, tolerance_scale
         fast_out, fast_grads = run_with_grads(fn, inputs)
     with lps_fast.use_backend("reference"):
         ref_out, ref_grads = run_with_grads(fn, _to64(inputs))
+        same_dtype_out, _ = run_with_grads(fn, [v.detach() if isinstance(v, torch.Tensor) else v for v in inputs])
     fast_list = fast_out if isinstance(fast_out, tuple) else (fast_out,)
     ref_list = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    same_dtype_list = same_dtype_out if isinstance(same_dtype_out, tuple) else (same_dtype_out,)
     atol, rtol = (t * tolerance_scale for t in GPU_TOLERANCE[dtype])
     for index, (a, e) in enumerate(zip(fast_list, ref_list)):
         assert a.device.type == "cuda"
         if not e.is_floating_point():
-            assert torch.equal(a, e), f"{op} output {index} differs"
+            expected = same_dtype_list[index]
+            assert torch.equal(a, expected), f"{op} output {index}: {int((a != expected).sum())} entries differ"
         elif exact_forward:
             assert_close(a, e.to(a.dtype), exact=True, name=f"{op} output {index}")
         else:
@@ -142,10 +148,13 @@ def test_sinkhorn_and_entropy(gpu_backend, scale, dtype, masked):
     if masked:
         n_real = torch.randint(1, n + 1, (batch,), device=device)
         mask = torch.arange(n, device=device)[None, :] < n_real[:, None]
-    # 20 iterations at tau = 0.1 amplify the float32 rounding of the iterates
-    compare_gpu("sinkhorn_sort", [scores, 0.1, 20, mask], gpu_backend, dtype, tolerance_scale=10.0)
+    # 20 iterations at tau = 0.1 amplify the float32 rounding of the iterates; in half precision
+    # the error is that of the scores rounded to the input dtype and of the output's rounding,
+    # which the per-dtype tolerance already covers
+    scale = 10.0 if dtype == torch.float32 else 1.0
+    compare_gpu("sinkhorn_sort", [scores, 0.1, 20, mask], gpu_backend, dtype, tolerance_scale=scale)
     soft = random_soft(batch, k, n, dtype=dtype, device=device).requires_grad_()
-    compare_gpu("permutation_entropy", [soft, mask], gpu_backend, dtype, tolerance_scale=10.0)
+    compare_gpu("permutation_entropy", [soft, mask], gpu_backend, dtype, tolerance_scale=scale)
 
 
 @pytest.mark.parametrize("proper", [False, True], ids=["O3", "SO3"])

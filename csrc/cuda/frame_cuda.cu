@@ -104,12 +104,13 @@ at::Tensor frame_apply_cuda(const at::Tensor& x_in, const at::Tensor& R_in, cons
   const int64_t* perm_data = perm.has_value() ? perm->const_data_ptr<int64_t>() : nullptr;
   const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_cuda", [&] {
-    if (fits_int32(out.numel())) {
-      frame_apply_kernel<scalar_t, int32_t><<<grid_size(total), kThreads, 0, stream>>>(
+    const GridPlan plan = plan_grid(total, out.numel());
+    if (plan.int32) {
+      frame_apply_kernel<scalar_t, int32_t><<<plan.blocks, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(), perm_data, optional_data<scalar_t>(center),
           out.mutable_data_ptr<scalar_t>(), k, n, channels, total);
     } else {
-      frame_apply_kernel<scalar_t, int64_t><<<grid_size(total), kThreads, 0, stream>>>(
+      frame_apply_kernel<scalar_t, int64_t><<<plan.blocks, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(), perm_data, optional_data<scalar_t>(center),
           out.mutable_data_ptr<scalar_t>(), k, n, channels, total);
     }
@@ -134,12 +135,13 @@ at::Tensor frame_unapply_mean_cuda(const at::Tensor& y_in, const at::Tensor& R_i
   const int64_t total = batch * n * channels;
   const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "frame_unapply_mean_cuda", [&] {
-    if (fits_int32(y.numel())) {
-      frame_unapply_mean_kernel<scalar_t, int32_t><<<grid_size(total), kThreads, 0, stream>>>(
+    const GridPlan plan = plan_grid(total, y.numel());
+    if (plan.int32) {
+      frame_unapply_mean_kernel<scalar_t, int32_t><<<plan.blocks, kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(), positions, optional_data<scalar_t>(center),
           out.mutable_data_ptr<scalar_t>(), k, n, channels, total);
     } else {
-      frame_unapply_mean_kernel<scalar_t, int64_t><<<grid_size(total), kThreads, 0, stream>>>(
+      frame_unapply_mean_kernel<scalar_t, int64_t><<<plan.blocks, kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(), positions, optional_data<scalar_t>(center),
           out.mutable_data_ptr<scalar_t>(), k, n, channels, total);
     }

@@ -12,6 +12,8 @@
 #include <climits>
 #include <cstdint>
 
+#include "grid_plan.h"
+
 namespace lps_fast {
 namespace cuda {
 
@@ -32,16 +34,19 @@ inline int multiprocessor_count() {
   return counts[device];
 }
 
-// Blocks for a grid-stride loop over `total` items: enough to fill every SM many times over,
-// few enough that each thread handles several items when the problem is large.
+// Blocks for a grid-stride loop whose indices are 64-bit.
 inline int64_t grid_size(int64_t total, int threads = kThreads) {
-  const int64_t blocks = (total + threads - 1) / threads;
-  const int64_t cap = static_cast<int64_t>(multiprocessor_count()) * 32;
-  return std::max<int64_t>(1, std::min(blocks, cap));
+  return grid_blocks(total, threads, multiprocessor_count());
 }
 
-// 32-bit index arithmetic is several times cheaper than 64-bit division on the GPU: use it
-// whenever every index of the launch fits.
+// Grid size and index width of a grid-stride loop (csrc/grid_plan.h): 32-bit index arithmetic
+// is several times cheaper than 64-bit division on the GPU, so it is used whenever every index
+// the launch forms fits.
+inline GridPlan plan_grid(int64_t total, int64_t extent, int threads = kThreads) {
+  return lps_fast::plan_grid(total, extent, threads, multiprocessor_count());
+}
+
+// For launches that are not grid-stride loops (one block per row, bounded inner loops).
 inline bool fits_int32(int64_t count) { return count < static_cast<int64_t>(INT_MAX); }
 
 template <typename index_t>

@@ -174,11 +174,13 @@ void launch_gather_nodes(const at::Tensor& x, const at::Tensor& perm, at::Tensor
   const auto stream = current_stream();
   const auto* source = static_cast<const vec_t*>(x.const_data_ptr());
   auto* target = static_cast<vec_t*>(out.mutable_data_ptr());
-  if (fits_int32(total) && fits_int32(x.numel() * x.element_size())) {
-    gather_nodes_kernel<vec_t, int32_t><<<grid_size(total), kThreads, 0, stream>>>(
+  // Offsets are in vectors; bytes bound them from above.
+  const GridPlan plan = plan_grid(total, std::max(total, x.numel() * x.element_size()));
+  if (plan.int32) {
+    gather_nodes_kernel<vec_t, int32_t><<<plan.blocks, kThreads, 0, stream>>>(
         source, perm.const_data_ptr<int64_t>(), target, k, n, row_vectors, total);
   } else {
-    gather_nodes_kernel<vec_t, int64_t><<<grid_size(total), kThreads, 0, stream>>>(
+    gather_nodes_kernel<vec_t, int64_t><<<plan.blocks, kThreads, 0, stream>>>(
         source, perm.const_data_ptr<int64_t>(), target, k, n, row_vectors, total);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,12 +254,13 @@ at::Tensor unpermute_mean_cuda(const at::Tensor& y_in, const at::Tensor& perm_in
   const int64_t total = out.numel();
   const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_mean_cuda", [&] {
-    if (fits_int32(y.numel())) {
-      scatter_mean_nodes_kernel<scalar_t, int32_t><<<grid_size(total), kThreads, 0, stream>>>(
+    const GridPlan plan = plan_grid(total, y.numel());
+    if (plan.int32) {
+      scatter_mean_nodes_kernel<scalar_t, int32_t><<<plan.blocks, kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), inverse.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), k, n,
           features, total);
     } else {
-      scatter_mean_nodes_kernel<scalar_t, int64_t><<<grid_size(total), kThreads, 0, stream>>>(
+      scatter_mean_nodes_kernel<scalar_t, int64_t><<<plan.blocks, kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), inverse.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), k, n,
           features, total);
     }
@@ -288,20 +291,20 @@ at::Tensor unpermute_edges_mean_cuda(const at::Tensor& y_in, const at::Tensor& p
       scatter_mean_edge_rows_kernel<scalar_t><<<batch * n, threads, row_bytes, stream>>>(
           source, perm.const_data_ptr<int64_t>(), positions, target, static_cast<int>(k), static_cast<int>(n),
           static_cast<int>(features));
-    } else if (fits_int32(y.numel())) {
+    } else if (const GridPlan plan = plan_grid(total, y.numel()); plan.int32) {
       if (diagonal) {
-        scatter_mean_edges_kernel<scalar_t, int32_t, true><<<grid_size(total), kThreads, 0, stream>>>(
+        scatter_mean_edges_kernel<scalar_t, int32_t, true><<<plan.blocks, kThreads, 0, stream>>>(
             source, positions, target, k, n, features, total);
       } else {
-        scatter_mean_edges_kernel<scalar_t, int32_t, false><<<grid_size(total), kThreads, 0, stream>>>(
+        scatter_mean_edges_kernel<scalar_t, int32_t, false><<<plan.blocks, kThreads, 0, stream>>>(
             source, positions, target, k, n, features, total);
       }
     } else {
       if (diagonal) {
-        scatter_mean_edges_kernel<scalar_t, int64_t, true><<<grid_size(total), kThreads, 0, stream>>>(
+        scatter_mean_edges_kernel<scalar_t, int64_t, true><<<plan.blocks, kThreads, 0, stream>>>(
             source, positions, target, k, n, features, total);
       } else {
-        scatter_mean_edges_kernel<scalar_t, int64_t, false><<<grid_size(total), kThreads, 0, stream>>>(
+        scatter_mean_edges_kernel<scalar_t, int64_t, false><<<plan.blocks, kThreads, 0, stream>>>(
             source, positions, target, k, n, features, total);
       }
     }
