@@ -23,6 +23,7 @@ class TrainConfig:
     """One run. ``None`` means "the task's default" (see ``lps-fast train TASK --help``)."""
 
     task: str
+    preset: Optional[str] = None  # "paper": the paper's settings fill the fields left None first
     # symmetrization
     group: Optional[str] = None
     distribution: str = "learned"
@@ -36,6 +37,12 @@ class TrainConfig:
     patch_size: Optional[int] = None
     vit_model: Optional[str] = None
     vit_checkpoint: Optional[str] = None
+    # ViT-PS (the vit-ps backbone): token grid, image padding, patch dropout
+    vit_grid: Optional[int] = None
+    pad_mode: Optional[str] = None
+    centering: Optional[bool] = None
+    patch_dropout: Optional[float] = None
+    random_patch_dropout: Optional[bool] = None
     # learned distribution
     dist_width: Optional[int] = None
     dist_layers: Optional[int] = None
