@@ -206,8 +206,11 @@ class ViTPS(nn.Module):
         else:
             tokens = self.proj.bias.expand(mask.shape[0], self.grid * self.grid, -1)
         if nodes is not None:
-            kernel = weight[:, self.edge_dim:, self._diag_row, self._diag_col]  # [D, C_node, M]
-            share = torch.einsum("nmc,dcm->nmd", nodes[:, self._diag_node].to(kernel.dtype), kernel)
+            # one small matmul per diagonal pixel, batched over pixels; contiguous operands keep
+            # the CPU batched GEMM (and its backward) on its fast path
+            kernel = weight[:, self.edge_dim:, self._diag_row, self._diag_col].permute(2, 1, 0).contiguous()
+            pixels = nodes[:, self._diag_node].to(kernel.dtype).transpose(0, 1).contiguous()  # [M, N, C_node]
+            share = torch.bmm(pixels, kernel).transpose(0, 1)  # [N, M, D]
             tokens = tokens.index_add(1, self._diag_token, share)
         return tokens
 

@@ -202,8 +202,10 @@ def test_train_through_the_cli(lrgb_dir, tmp_path, task, metric, capsys):
 def test_paper_preset_for_peptides():
     from lps_fast.train import TrainConfig, resolve
 
+    assert resolve(TrainConfig(task="peptides-func")).limit == 1000  # the CPU-sized default
     resolved = resolve(TrainConfig(task="peptides-func", preset="paper", lr=3e-5))
     assert resolved.lr == 3e-5  # an explicit option wins over the preset
+    assert resolved.limit is None  # every graph
     assert (resolved.backbone, resolved.vit_model, resolved.width, resolved.vit_grid) == (
         "vit-ps", "vit_base_patch16_224", 768, 14)
     assert (resolved.samples, resolved.eval_samples, resolved.batch_size, resolved.weight_decay) == (1, 10, 128, 0.1)

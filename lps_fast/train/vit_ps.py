@@ -8,9 +8,11 @@
   the exact average precision of the logits rounded to :data:`AP_BINS` bins over
   ``[-AP_LOGIT_RANGE, AP_LOGIT_RANGE]`` (a bin is 1/64 of a logit wide).
 * :data:`PAPER_PRESETS`: the settings of the paper's ViT-PS runs, read from its configs, as
-  ``--preset paper``. The paper counts optimizer steps; here they are epochs of the training
-  split at the paper's batch size (50,000 steps of 128 graphs over the 10,873 training peptides
-  are 589 epochs; 25,000 steps over 10,000 PATTERN graphs are 320), warmup as the same fraction.
+  ``--preset paper``; they replace the recipe's CPU-sized defaults (a ``None`` here clears
+  one, e.g. the peptides' default ``limit`` of 1000 graphs per split). The paper counts
+  optimizer steps; here they are epochs of the training split at the paper's batch size
+  (50,000 steps of 128 graphs over the 10,873 training peptides are 589 epochs; 25,000 steps
+  over 10,000 PATTERN graphs are 320), warmup as the same fraction.
 * :func:`build_vit_ps`: the ``vit-ps`` backbone of a config.
 """
 
@@ -31,7 +33,7 @@ AP_LOGIT_RANGE = 16.0
 _PAPER_DISTRIBUTION = dict(dist_width=64, dist_layers=3, tau=0.01, entropy_weight=0.1, noise_scale=1.0)
 # ViT-B/16 (width 768, 12 blocks, 12 heads): from scratch unless --vit-checkpoint gives its weights
 _PAPER_VIT = dict(backbone="vit-ps", vit_model="vit_base_patch16_224", width=768, layers=12, heads=12, vit_grid=14,
-                  samples=1, eval_samples=10, batch_size=128,
+                  samples=1, eval_samples=10, batch_size=128, limit=None,
                   lr=1e-5, schedule="linear", grad_clip=0.0, **_PAPER_DISTRIBUTION)
 
 PAPER_PRESETS: Dict[str, Dict[str, Any]] = {
