@@ -74,6 +74,24 @@ class Recipe:
 _COMMON = dict(schedule="cosine", warmup=0.05, weight_decay=0.0, grad_clip=1.0, dist_width=64, dist_layers=3,
                entropy_weight=0.1, noise_scale=1.0, heads=4, patch_size=None, vit_model="vit_tiny_patch16_224")
 
+
+def _peptides_recipe(name: str, what: str, figure: str, objective: str, metric: str, higher_is_better: bool,
+                     **defaults) -> Recipe:
+    """A LRGB peptides task; its CPU default: a small ViT-PS from scratch, one epoch over the
+    first 1000 graphs of each split."""
+    return Recipe(
+        name=name,
+        summary=f"{name.capitalize()} (LRGB): {what} of a peptide from its molecular graph (--data: the LRGB files; "
+                "by default the first 1000 graphs of each split, --preset paper: all)",
+        paper=f"pretrained ViT-B/16 with learned Sn symmetrization (ViT-PS), 1 sample in training: test {figure}",
+        objective=objective, metric=metric, higher_is_better=higher_is_better,
+        groups=PERMUTATION_GROUPS, backbones=MOLECULE_BACKBONES,
+        defaults=dict(_COMMON, group="Sn", backbone="vit-ps", width=96, layers=4, heads=4, vit_grid=8, samples=1,
+                      eval_samples=4, batch_size=8, lr=3e-4, weight_decay=0.1, epochs=1, limit=1000, centering=True,
+                      patch_dropout=0.5, **defaults),
+    )
+
+
 RECIPES: Dict[str, Recipe] = {
     "nbody": Recipe(
         name="nbody",
@@ -133,28 +151,12 @@ RECIPES: Dict[str, Recipe] = {
                       batch_size=30, lr=1e-3, epochs=100),
     ),
     # ViT-PS on molecular graphs (the paper's real-world tasks); --preset paper gives its setting
-    "peptides-func": Recipe(
-        name="peptides-func",
-        summary="Peptides-func (LRGB): 10 binary functions of a peptide from its molecular graph (--data: LRGB "
-                "files; by default the first 1000 graphs of each split, --preset paper: all)",
-        paper="pretrained ViT-B/16 with learned Sn symmetrization (ViT-PS), 1 sample in training: test AP 0.6575",
-        objective="multilabel_bce", metric="average_precision", higher_is_better=True,
-        groups=PERMUTATION_GROUPS, backbones=MOLECULE_BACKBONES,
-        defaults=dict(_COMMON, group="Sn", backbone="vit-ps", width=96, layers=4, heads=4, vit_grid=8, samples=1,
-                      eval_samples=4, batch_size=8, lr=3e-4, weight_decay=0.1, epochs=1, limit=1000, pad_mode="reflect",
-                      centering=True, patch_dropout=0.5, random_patch_dropout=False),
-    ),
-    "peptides-struct": Recipe(
-        name="peptides-struct",
-        summary="Peptides-struct (LRGB): 11 3D-structure properties of a peptide from its molecular graph (by "
-                "default the first 1000 graphs of each split, --preset paper: all)",
-        paper="pretrained ViT-B/16 with learned Sn symmetrization (ViT-PS), 1 sample in training: test MAE 0.2559",
-        objective="l1", metric="mae", higher_is_better=False,
-        groups=PERMUTATION_GROUPS, backbones=MOLECULE_BACKBONES,
-        defaults=dict(_COMMON, group="Sn", backbone="vit-ps", width=96, layers=4, heads=4, vit_grid=8, samples=1,
-                      eval_samples=4, batch_size=8, lr=3e-4, weight_decay=0.1, epochs=1, limit=1000, pad_mode="circular",
-                      centering=True, patch_dropout=0.5, random_patch_dropout=True),
-    ),
+    "peptides-func": _peptides_recipe(
+        "peptides-func", "10 binary functions", "AP 0.6575", "multilabel_bce", "average_precision", True,
+        pad_mode="reflect", random_patch_dropout=False),
+    "peptides-struct": _peptides_recipe(
+        "peptides-struct", "11 3D-structure properties", "MAE 0.2559", "l1", "mae", False,
+        pad_mode="circular", random_patch_dropout=True),
 }
 
 TASK_NAMES = tuple(RECIPES)
