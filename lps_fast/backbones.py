@@ -386,4 +386,13 @@ class ViT(nn.Module):
         return image[:, :n, :n] * pairs.to(image.dtype)
 
 
-__all__ = ["PairTransformer", "MLP", "GINID", "GIN", "Transformer", "ViT"]
+__all__ = ["PairTransformer", "MLP", "GINID", "GIN", "Transformer", "ViT", "ViTPS"]
+
+
+def __getattr__(name: str):
+    # ViTPS lives in its own module, which imports the helpers above
+    if name == "ViTPS":
+        from .vit_ps import ViTPS
+
+        return ViTPS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,6 +119,7 @@ Examples:
   lps-fast train exp-classify --data ../shared/data --epochs 200
   lps-fast train exp-iso                                 untrained: counts the pairs it separates
   torchrun --nproc_per_node 2 -m lps_fast.cli train pattern --epochs 5   two processes (DDP)
+  lps-fast train peptides-func --data DIR --preset paper --vit-checkpoint vit_b16_in21k.safetensors
 Each run writes config.json, log.jsonl, best.pt, last.pt and metrics.json to --out.
 """
 
@@ -129,8 +130,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
 
     parser.add_argument("--preset", choices=PRESETS,
                         help="paper: the settings of the paper's own code for this task (backbone, distribution "
-                             "network, samples, schedule, epochs, test protocol; sized for a GPU); options given "
-                             "explicitly still win")
+                             "network, samples, schedule, epochs, test protocol; e.g. ViT-B/16, k=1/10, lr 1e-5, "
+                             "batch 128 for peptides-func; sized for a GPU); options given explicitly still win")
     sym = parser.add_argument_group("symmetrization")
     sym.add_argument("--group", help="symmetry group: Sn for graphs; SnxE3 (default), SnxO3, SnxSO3, SnxSE3, E3, O3, "
                                      "SE3, SO3 or Sn for n-body")
@@ -145,9 +146,11 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
                      help="group samples per input on the test split (default: --eval-samples; paper n-body: 200)")
 
     model = parser.add_argument_group("backbone")
-    model.add_argument("--backbone", choices=("mlp", "gin-id", "gin", "transformer", "pair-transformer", "vit"),
+    model.add_argument("--backbone", choices=("mlp", "gin-id", "gin", "transformer", "pair-transformer", "vit",
+                                              "vit-ps"),
                        help="the network to symmetrize (nbody: transformer over particles, pair-transformer over "
-                            "the n x n particle pairs as in the paper, or mlp)")
+                            "the n x n particle pairs as in the paper, or mlp; vit-ps: the paper's ViT with new "
+                            "patch projections, for pattern and the peptides tasks)")
     model.add_argument("--width", type=_positive_int, help="hidden width (MLP layers, GIN, transformer d_model, ViT "
                                                            "embedding)")
     model.add_argument("--layers", type=_positive_int, help="hidden layers / blocks")
@@ -159,6 +162,18 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
     model.add_argument("--vit-model", help="timm ViT architecture (default vit_tiny_patch16_224, resized)")
     model.add_argument("--vit-checkpoint", help="local file of pretrained weights for --vit-model (no download); "
                                                 "then the architecture is the pretrained one")
+    vit_ps = parser.add_argument_group("ViT-PS (--backbone vit-ps)")
+    vit_ps.add_argument("--vit-grid", type=_positive_int,
+                        help="tokens per image side (default: the pretrained grid, 14 for ViT-B/16); the patch size "
+                             "defaults to ceil(max nodes / grid) and the image is padded to grid x patch")
+    vit_ps.add_argument("--pad-mode", choices=("zero", "reflect", "replicate", "circular"),
+                        help="padding of the graph image up to grid x patch pixels")
+    vit_ps.add_argument("--centering", action=argparse.BooleanOptionalAction, default=None,
+                        help="pad on both sides of the image (default: after it only)")
+    vit_ps.add_argument("--patch-dropout", type=_non_negative_float,
+                        help="fraction of patch tokens dropped in training (graph-level tasks)")
+    vit_ps.add_argument("--random-patch-dropout", action=argparse.BooleanOptionalAction, default=None,
+                        help="draw the dropped fraction from [0, --patch-dropout) at every step")
 
     dist = parser.add_argument_group("learned distribution")
     dist.add_argument("--dist-network", choices=DIST_NETWORKS,
@@ -200,8 +215,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="PATH", help="exp.npz / graph8c.g6, or a folder holding them (exp-iso, "
-                                                     "exp-classify, graph8c); default: $LPS_FAST_DATA, ./data, "
-                                                     "../shared/data")
+                                                     "exp-classify, graph8c); for peptides-func/-struct the folder "
+                                                     "of the LRGB CSV and split files; default: $LPS_FAST_DATA, "
+                                                     "./data, ../shared/data")
     data.add_argument("--n-train", type=_positive_int, help="generated training systems/graphs (nbody, pattern)")
     data.add_argument("--n-val", type=_positive_int, help="generated validation size (nbody, pattern)")
     data.add_argument("--n-test", type=_positive_int, help="generated test size (nbody, pattern)")
@@ -223,10 +239,11 @@ def _add_training_options(parser: argparse.ArgumentParser, with_distribution: bo
 _CONFIG_KEYS = ("preset", "group", "distribution", "samples", "eval_samples", "test_samples", "backbone", "width",
                 "layers", "hidden_sizes", "heads", "patch_size", "vit_model", "vit_checkpoint", "dist_network",
                 "noise", "knn", "dist_dropout", "dist_width", "dist_layers", "tau", "entropy_weight",
-                "noise_scale", "select", "iso_seeds", "epochs", "time_budget", "max_batches", "batch_size", "eval_batch_size", "lr",
-                "weight_decay", "schedule", "warmup", "grad_clip", "eval_every", "test_trials", "data", "n_train",
-                "n_val", "n_test", "limit", "fold", "data_seed", "seed", "device", "backend", "threads", "out",
-                "quiet")
+                "noise_scale", "select", "iso_seeds", "epochs", "time_budget", "max_batches", "batch_size",
+                "eval_batch_size", "lr", "weight_decay", "schedule", "warmup", "grad_clip", "eval_every",
+                "test_trials", "data", "n_train", "n_val", "n_test", "limit", "fold", "data_seed", "seed", "device",
+                "backend", "threads", "out", "quiet", "vit_grid", "pad_mode", "centering", "patch_dropout",
+                "random_patch_dropout")
 
 
 def _config_from_args(args: argparse.Namespace):

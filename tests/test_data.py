@@ -573,7 +573,8 @@ def test_graph_dataset_storage_round_trip():
 
 
 def test_load_task_names_and_errors(tmp_path):
-    assert set(data.TASKS) == {"exp-iso", "exp-classify", "graph8c", "nbody", "pattern", "csl"}
+    assert set(data.TASKS) == {"exp-iso", "exp-classify", "graph8c", "nbody", "pattern", "csl", "peptides-func",
+                               "peptides-struct"}
     splits = data.load_task("csl", cache_dir=tmp_path, fold=2)
     assert splits.info.name == "csl" and len(splits.test) == 30
     splits = data.load_task("nbody", n_train=4, n_val=2, n_test=2, cache_dir=False)

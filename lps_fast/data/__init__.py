@@ -5,6 +5,8 @@
 - Generated, deterministic by seed and cached on disk: charged n-body (:func:`load_nbody`),
   PATTERN SBM graphs (:func:`load_pattern`) and CSL (:func:`load_csl`), each with a self-check
   (:func:`nbody_energy_drift`, :func:`sbm_statistics`).
+- The LRGB peptide tasks from their published files (:func:`load_peptides`): molecular graphs
+  from SMILES with OGB's atom and bond features (:func:`smiles_to_graph`, RDKit).
 - :func:`load_task` loads any of them by name; every loader returns :class:`Splits` of datasets
   whose items are :class:`GraphSample` and whose batches (:func:`collate_dense`,
   ``dataset.loader(...)``) are :class:`DenseBatch`: ``node_features (B, n, *F)``,
@@ -42,6 +44,8 @@ from .nbody import (
     simulate_charged_nbody,
 )
 from .pattern import PatternConfig, SBMStatistics, load_pattern, sbm_statistics
+from .molecules import smiles_to_graph
+from .peptides import MoleculeDataset, load_peptides, molecule_inputs
 from .tasks import TASKS, load_task
 
 __all__ = [
@@ -79,6 +83,10 @@ __all__ = [
     "load_csl",
     "circular_skip_link",
     "CSL_SKIPS",
+    "load_peptides",
+    "MoleculeDataset",
+    "molecule_inputs",
+    "smiles_to_graph",
     "find_data_file",
     "default_cache_dir",
     "DATA_ENV",

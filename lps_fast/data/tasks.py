@@ -12,11 +12,12 @@ from .exp import load_exp_classify, load_exp_iso
 from .graph8c import load_graph8c
 from .nbody import load_nbody
 from .pattern import load_pattern
+from .peptides import PEPTIDE_TASKS, load_peptides
 
-TASKS = ("exp-iso", "exp-classify", "graph8c", "nbody", "pattern", "csl")
+TASKS = ("exp-iso", "exp-classify", "graph8c", "nbody", "pattern", "csl") + tuple(PEPTIDE_TASKS)
 """Task names accepted by :func:`load_task`."""
 
-_FILE_TASKS = {"exp-iso", "exp-classify", "graph8c"}
+_FILE_TASKS = {"exp-iso", "exp-classify", "graph8c"} | set(PEPTIDE_TASKS)
 _SIZED_TASKS = {"nbody", "pattern"}
 
 
@@ -34,7 +35,8 @@ def load_task(
 
     Args:
         name: one of :data:`TASKS`.
-        data: data file or directory for the file-based tasks (EXP, GRAPH8c); None searches
+        data: data file or directory for the file-based tasks (EXP, GRAPH8c; for the peptides
+            tasks the directory of the LRGB files, see :func:`~lps_fast.data.peptides.load_peptides`); None searches
             ``$LPS_FAST_DATA``, ``<repository>/data`` and ``<repository>/../shared/data``.
         cache_dir: cache of the generated tasks; None = ``$LPS_FAST_CACHE`` or
             ``~/.cache/lps_fast``; False disables caching.
@@ -62,6 +64,8 @@ def load_task(
         return load_exp_classify(data)
     if key == "graph8c":
         return load_graph8c(data)
+    if key in PEPTIDE_TASKS:
+        return load_peptides(key, data, cache_dir=cache_dir)
     if key == "nbody":
         return load_nbody(seed=seed, cache_dir=cache_dir, **given)
     if key == "pattern":

@@ -44,6 +44,12 @@ class TrainConfig:
     patch_size: Optional[int] = None
     vit_model: Optional[str] = None
     vit_checkpoint: Optional[str] = None
+    # ViT-PS (the vit-ps backbone): token grid, image padding, patch dropout
+    vit_grid: Optional[int] = None
+    pad_mode: Optional[str] = None
+    centering: Optional[bool] = None
+    patch_dropout: Optional[float] = None
+    random_patch_dropout: Optional[bool] = None
     # learned distribution
     dist_network: Optional[str] = None
     noise: Optional[str] = None  # "add" (the paper) or "concat"

@@ -9,6 +9,8 @@ exp-iso         Sn, MLP (untrained)        none: embeddings of 600 1-WL-hard pai
 graph8c         Sn, MLP (untrained)        none: embeddings of 11,117 graphs           ``pairs_not_separated``
 pattern         Sn, ViT on the adjacency   class-weighted cross-entropy per node       ``weighted_accuracy``
 csl             Sn, GIN with node ids      cross-entropy over 10 skip lengths          ``accuracy``
+peptides-func   Sn, ViT-PS                 binary cross-entropy over 10 labels         ``average_precision`` (0.6575)
+peptides-struct Sn, ViT-PS                 L1 over 11 standardised targets             ``mae`` (0.2559)
 ==============  =========================  ==========================================  ====================
 
 Two sets of settings per task. The defaults follow the paper (Kim et al., NeurIPS 2023) with
@@ -36,12 +38,15 @@ from lps_fast import backbones as backbone_lib
 from lps_fast import distributions as distribution_lib
 from lps_fast import groups as group_lib
 from lps_fast.data import IGNORE_INDEX, DenseBatch, TaskInfo, load_task
+from lps_fast.data.peptides import PEPTIDE_TASKS, molecule_inputs
 
+from . import vit_ps
 from .config import DIST_NETWORKS, DISTRIBUTIONS, NOISE_MODES, PRESETS, SCHEDULES, SELECTIONS, TrainConfig
 
 PERMUTATION_GROUPS = ("Sn",)
 PARTICLE_GROUPS = ("SnxE3", "SnxO3", "SnxSE3", "SnxSO3", "E3", "O3", "SE3", "SO3", "Sn")
 GRAPH_BACKBONES = ("mlp", "gin-id", "gin", "transformer")
+MOLECULE_BACKBONES = ("vit-ps", "gin-id", "gin", "transformer")  # no MLP on a flattened 444 x 444 x 14 input
 ISOMORPHISM_THRESHOLD = 1e-3  # L1 distance above which two embeddings count as different
 EMBEDDING_DIM = 10  # the paper's embedding width for the isomorphism tests
 
@@ -53,7 +58,7 @@ class Recipe:
     name: str
     summary: str
     paper: str
-    objective: str  # "mse", "cross_entropy", "weighted_cross_entropy" or "none" (untrained)
+    objective: str  # "mse", "cross_entropy", "weighted_cross_entropy", "multilabel_bce", "l1" or "none" (untrained)
     metric: str
     higher_is_better: bool
     groups: Tuple[str, ...]
@@ -84,6 +89,24 @@ _PAPER_NBODY = dict(group="SnxE3", backbone="pair-transformer", width=64, layers
 _PAPER_GRAPH_DISTRIBUTION = dict(dist_network="gin-bn", dist_width=64, dist_layers=3, noise="add", noise_scale=1.0,
                                  tau=0.01, entropy_weight=0.1, samples=10, eval_samples=10)
 _PAPER_EXP_MLP = "2048,4096,2048,10"
+
+
+def _peptides_recipe(name: str, what: str, figure: str, objective: str, metric: str, higher_is_better: bool,
+                     **defaults) -> Recipe:
+    """A LRGB peptides task; its CPU default: a small ViT-PS from scratch, one epoch over the
+    first 1000 graphs of each split."""
+    return Recipe(
+        name=name,
+        summary=f"{name.capitalize()} (LRGB): {what} of a peptide from its molecular graph (--data: the LRGB files; "
+                "by default the first 1000 graphs of each split, --preset paper: all)",
+        paper=f"pretrained ViT-B/16 with learned Sn symmetrization (ViT-PS), 1 sample in training: test {figure}",
+        objective=objective, metric=metric, higher_is_better=higher_is_better,
+        groups=PERMUTATION_GROUPS, backbones=MOLECULE_BACKBONES,
+        defaults=dict(_COMMON, group="Sn", backbone="vit-ps", width=96, layers=4, heads=4, vit_grid=8, samples=1,
+                      eval_samples=4, batch_size=8, lr=3e-4, weight_decay=0.1, epochs=1, limit=1000, centering=True,
+                      patch_dropout=0.5, **defaults),
+    )
+
 
 RECIPES: Dict[str, Recipe] = {
     "nbody": Recipe(
@@ -139,8 +162,8 @@ RECIPES: Dict[str, Recipe] = {
         paper="ViT-Base on the adjacency image with learned Sn symmetrization, 1 sample in training and 10 in "
               "evaluation; weighted node accuracy",
         objective="weighted_cross_entropy", metric="weighted_accuracy", higher_is_better=True,
-        groups=PERMUTATION_GROUPS, backbones=GRAPH_BACKBONES + ("vit",),
-        defaults=dict(_COMMON, group="Sn", backbone="vit", width=96, layers=4, heads=4, patch_size=16, samples=1,
+        groups=PERMUTATION_GROUPS, backbones=GRAPH_BACKBONES + ("vit", "vit-ps"),
+        defaults=dict(_COMMON, group="Sn", backbone="vit", width=96, layers=4, heads=4, samples=1,
                       eval_samples=4, batch_size=32, lr=3e-4, weight_decay=0.01, epochs=20, n_train=1000, n_val=200,
                       n_test=200),
     ),
@@ -153,6 +176,13 @@ RECIPES: Dict[str, Recipe] = {
         defaults=dict(_COMMON, group="Sn", backbone="gin-id", width=64, layers=3, samples=4, eval_samples=16,
                       batch_size=30, lr=1e-3, epochs=100),
     ),
+    # ViT-PS on molecular graphs (the paper's real-world tasks); --preset paper gives its setting
+    "peptides-func": _peptides_recipe(
+        "peptides-func", "10 binary functions", "AP 0.6575", "multilabel_bce", "average_precision", True,
+        pad_mode="reflect", random_patch_dropout=False),
+    "peptides-struct": _peptides_recipe(
+        "peptides-struct", "11 3D-structure properties", "MAE 0.2559", "l1", "mae", False,
+        pad_mode="circular", random_patch_dropout=True),
 }
 
 TASK_NAMES = tuple(RECIPES)
@@ -193,9 +223,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     values["task"] = recipe.name
     if config.preset is not None and config.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
-    if config.preset == "paper" and not recipe.paper_settings:
-        raise ValueError(f"task {recipe.name} has no paper preset (its defaults are the paper's setup)")
-    defaults = dict(recipe.defaults, **(recipe.paper_settings if config.preset == "paper" else {}))
+    paper_settings = {}
+    if config.preset == "paper":
+        # The n-body, EXP and isomorphism presets live in the recipes, the ViT-PS ones beside ViT-PS.
+        paper_settings = recipe.paper_settings or vit_ps.paper_preset(recipe.name)
+    defaults = dict(recipe.defaults, **paper_settings)  # a preset's None also replaces a default
     for key, default in defaults.items():
         if key == "epochs" and values.get("time_budget") is not None:
             continue  # a time budget alone runs as many epochs as fit
@@ -247,6 +279,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--dist-dropout must be in [0, 1), got {resolved.dist_dropout}")
     if resolved.backbone in ("transformer", "pair-transformer") and resolved.width % resolved.heads:
         raise ValueError(f"--width {resolved.width} must be a multiple of --heads {resolved.heads}")
+    if resolved.backbone == "vit-ps":
+        if resolved.width % resolved.heads and not resolved.vit_checkpoint:
+            raise ValueError(f"--width {resolved.width} must be a multiple of --heads {resolved.heads} for the ViT")
+        if resolved.vit_grid is not None and resolved.vit_grid < 1:
+            raise ValueError(f"--vit-grid must be >= 1, got {resolved.vit_grid}")
+        if resolved.patch_dropout and recipe.objective == "weighted_cross_entropy":
+            raise ValueError("--patch-dropout applies to graph-level tasks only (node outputs need every token)")
     return resolved
 
 
@@ -257,10 +296,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
 def load_splits(config: TrainConfig):
     """The task's :class:`~lps_fast.data.Splits` for a resolved config (data errors propagate)."""
     kwargs: Dict[str, Any] = {}
-    if config.task in ("exp-iso", "exp-classify", "graph8c"):
+    if config.task in ("exp-iso", "exp-classify", "graph8c") + tuple(PEPTIDE_TASKS):
         kwargs["data"] = config.data
     elif config.data is not None:
-        raise ValueError(f"--data only applies to exp-iso, exp-classify and graph8c (task {config.task} is generated)")
+        raise ValueError(f"--data only applies to exp-iso, exp-classify, graph8c and the peptides tasks (task "
+                         f"{config.task} is generated)")
     if config.task in ("nbody", "pattern"):
         kwargs.update(n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.data_seed)
     elif config.task == "csl":
@@ -290,6 +330,8 @@ def input_dims(info: TaskInfo) -> InputDims:
 def make_inputs(batch: DenseBatch, info: TaskInfo) -> Dict[str, torch.Tensor]:
     """The :class:`lps_fast.Symmetrize` inputs dict of a batch (float32 features, bool mask)."""
     mask = batch.mask
+    if info.name in PEPTIDE_TASKS:
+        return molecule_inputs(batch)
     if info.name == "nbody":
         positions = batch.points[..., 0]  # [B, n, 3]
         squared_distance = (positions[:, :, None, :] - positions[:, None, :, :]).pow(2).sum(-1, keepdim=True)
@@ -328,6 +370,8 @@ def _output_kind(recipe: Recipe, backbone: str) -> Tuple[str, str]:
     """``(kind the backbone emits, kind Symmetrize returns)``."""
     if recipe.objective == "mse":
         return "vector", "vector"  # a displacement; the input positions are added after the average
+    if backbone == "vit-ps":
+        return vit_ps.output_kind(recipe.objective)
     if recipe.objective == "weighted_cross_entropy":
         return ("edge", "diagonal") if backbone == "vit" else ("node", "node")
     return "invariant", "invariant"
@@ -338,6 +382,8 @@ def _out_dim(recipe: Recipe, info: TaskInfo) -> int:
         return 1
     if recipe.objective == "none":
         return EMBEDDING_DIM
+    if recipe.objective == "l1":
+        return vit_ps.target_width(recipe.name)
     return int(info.num_classes)
 
 
@@ -373,6 +419,8 @@ def build_backbone(config: TrainConfig, info: TaskInfo) -> nn.Module:
             timm_kwargs.update(depth=config.layers, embed_dim=config.width, num_heads=config.heads)
         backbone = backbone_lib.ViT(dims.max_nodes, out_dim=out_dim, output=emitted, model_name=config.vit_model,
                                     checkpoint=config.vit_checkpoint, **sizes, **timm_kwargs)
+    elif name == "vit-ps":
+        backbone = vit_ps.build_vit_ps(config, dims.node_dim, dims.edge_dim, dims.max_nodes, out_dim, emitted)
     else:  # resolve() rejects these first
         raise ValueError(f"unknown backbone {name!r}")
     if recipe.objective == "none":
@@ -449,6 +497,10 @@ def task_loss(recipe: Recipe, output: torch.Tensor, batch: DenseBatch, num_class
         weights = class_balanced_weights(target, num_classes).to(predicted.device)
         return F.cross_entropy(predicted.reshape(-1, num_classes), target.reshape(-1), weight=weights,
                                ignore_index=IGNORE_INDEX)
+    if recipe.objective == "multilabel_bce":
+        return vit_ps.multilabel_bce(predicted, batch.target)
+    if recipe.objective == "l1":
+        return vit_ps.l1_loss(predicted, batch.target)
     raise ValueError(f"task {recipe.name} is not trained")
 
 
@@ -466,7 +518,11 @@ class Meter:
             self.names += ["correct"]
         elif recipe.objective == "weighted_cross_entropy":
             self.names += [f"confusion_{t}_{p}" for t in range(self.num_classes) for p in range(self.num_classes)]
-        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        elif recipe.objective == "l1":
+            self.names += ["absolute_error", "elements"]
+        # average precision: a logit histogram per label after the named sums (see vit_ps.logit_histogram)
+        histogram = self.num_classes * 2 * vit_ps.AP_BINS if recipe.objective == "multilabel_bce" else 0
+        self.sums = torch.zeros(len(self.names) + histogram, dtype=torch.float64)
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -489,7 +545,12 @@ class Meter:
                                     minlength=self.num_classes ** 2)
             for index, count in enumerate(counts.tolist()):
                 values[f"confusion_{index // self.num_classes}_{index % self.num_classes}"] = count
-        self.sums += torch.tensor([values.get(name, 0.0) for name in self.names], dtype=torch.float64)
+        elif self.recipe.objective == "l1":
+            values["absolute_error"] = float((predicted.double() - batch.target.double().to(predicted.device)).abs().sum())
+            values["elements"] = batch.target.numel()
+        elif self.recipe.objective == "multilabel_bce":
+            self.sums[len(self.names):] += vit_ps.logit_histogram(predicted, batch.target).flatten()
+        self.sums[:len(self.names)] += torch.tensor([values.get(name, 0.0) for name in self.names], dtype=torch.float64)
 
     def result(self) -> Dict[str, float]:
         sums = dict(zip(self.names, self.sums.tolist()))
@@ -507,6 +568,10 @@ class Meter:
             # Dwivedi et al.: the mean over classes of each class's accuracy (absent classes count 0)
             out["weighted_accuracy"] = float(recall.sum() / c)
             out["accuracy"] = float(confusion.diagonal().sum() / per_class.sum().clamp_min(1))
+        elif self.recipe.objective == "l1":
+            out["mae"] = sums["absolute_error"] / max(sums["elements"], 1.0)
+        elif self.recipe.objective == "multilabel_bce":
+            out["average_precision"] = vit_ps.histogram_average_precision(self.sums[len(self.names):])
         out["graphs"] = sums["graphs"]
         return out
 
