@@ -71,7 +71,9 @@ def qualified(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Fake (meta) kernels: output shapes and dtypes only. Shared by every provider.
+# Fake (meta) kernels: output shapes and dtypes only. Shared by every provider. Every kernel
+# returns a freshly allocated contiguous tensor whatever the input's strides, so the fakes use
+# new_empty(shape) (contiguous), never empty_like (which copies a transposed input's strides).
 
 
 def fake_permute_nodes(x, perm, soft=None):
@@ -106,7 +108,7 @@ def fake_sinkhorn_sort(scores, tau, n_iter=20, mask=None):
 
 
 def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
-    return torch.empty_like(scores)
+    return scores.new_empty(scores.shape)
 
 
 def fake_frame_apply_backward(grad, x, R, perm, center):
@@ -122,15 +124,15 @@ def fake_permutation_entropy(soft, mask=None):
 
 
 def fake_permutation_entropy_backward(grad, soft, mask):
-    return torch.empty_like(soft)
+    return soft.new_empty(soft.shape)
 
 
 def fake_gram_schmidt(V, proper=False):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 def fake_gram_schmidt_backward(grad, V, proper):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 FAKES: Dict[str, Callable] = {
