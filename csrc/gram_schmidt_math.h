@@ -57,10 +57,12 @@ struct Forward {
   T det;         // det [e0 e1 e2] (proper frames)
 };
 
-// proj(u, v) = (<v, u> / <u, u>) u
+// proj(u, v) = (<v, u> / <u, u>) u, and 0 when u = 0 (a degenerate input: a zero or repeated
+// column projects nothing instead of giving 0 / 0 = NaN).
 template <typename T>
 LPS_FAST_HOST_DEVICE Vec3<T> project(Vec3<T> u, Vec3<T> v) {
-  return scale(dot(v, u) / dot(u, u), u);
+  const T q = dot(u, u);
+  return scale(q > T(0) ? dot(v, u) / q : T(0), u);
 }
 
 template <typename T>
@@ -86,6 +88,7 @@ LPS_FAST_HOST_DEVICE void forward(const T* V, bool proper, Forward<T>& f, T* R) 
 template <typename T>
 LPS_FAST_HOST_DEVICE void project_backward(Vec3<T> u, Vec3<T> v, Vec3<T> g, Vec3<T>& gu, Vec3<T>& gv) {
   const T s = dot(v, u), q = dot(u, u), gu_dot = dot(g, u);
+  if (!(q > T(0))) return;  // the zero projection of a zero u: constant, no gradient
   // p = (s / q) u: dp/du = (s / q) I + u (v^T / q) - 2 s u u^T / q^2; dp/dv = u u^T / q
   gu = axpy(s / q, g, gu);
   gu = axpy(gu_dot / q, v, gu);

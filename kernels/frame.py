@@ -1,4 +1,4 @@
-"""Triton kernels for the frame ops: ``frame_apply`` and ``frame_unapply_mean`` (SPEC section 2).
+"""Triton kernels for the frame ops: ``frame_apply`` and ``frame_unapply_mean`` (docs/SPEC.md, "Ops").
 
 Each kernel fuses everything the op does to a point-feature tile: the centering, the node
 permutation (a gather, or a gather through the inverse permutation for the scatter-mean), the

@@ -1,4 +1,4 @@
-"""Triton kernels for ``gram_schmidt`` and its backward (SPEC section 3).
+"""Triton kernels for ``gram_schmidt`` and its backward (docs/SPEC.md, "Distribution-side ops").
 
 One program handles ``BLOCK`` independent 3 x 3 matrices; each matrix lives in scalars of one
 lane (its nine entries as nine ``[BLOCK]`` vectors), so the whole classical Gram-Schmidt, the
@@ -12,6 +12,7 @@ Forward (columns ``v0, v1, v2``)::
     a1 = <v1, u0> / d00,   u1 = v1 - a1 u0
     a2 = <v2, u0> / d00,   d11 = <u1, u1>,   b2 = <v2, u1> / d11,   u2 = v2 - a2 u0 - b2 u1
     e_m = u_m / max(||u_m||, 1e-12)
+    (a quotient by d00 or d11 is 0 when that squared length is 0: a zero column projects nothing)
     proper: det = <e0, e1 x e2>,  R = [det e0, e1, e2];  otherwise R = [e0, e1, e2]
 """
 
@@ -64,6 +65,14 @@ def _store_column(ptr, column, x, y, z, mask):
 
 
 @triton.jit
+def _quotient(x, squared_length):
+    """``x / squared_length``, and 0 when the squared length is 0 (the projection onto a zero
+    vector is zero, as in the reference), without evaluating 0 / 0."""
+    nonzero = squared_length > 0
+    return tl.where(nonzero, x / tl.where(nonzero, squared_length, 1.0), 0.0)
+
+
+@triton.jit
 def _gram_schmidt_kernel(
     V_ptr,  # [M, 9] contiguous
     R_ptr,  # [M, 9] contiguous
@@ -82,13 +91,13 @@ def _gram_schmidt_kernel(
     v2x, v2y, v2z = _load_column(V, 2, inside, ACC)
 
     d00 = _dot(v0x, v0y, v0z, v0x, v0y, v0z)
-    a1 = _dot(v1x, v1y, v1z, v0x, v0y, v0z) / d00
+    a1 = _quotient(_dot(v1x, v1y, v1z, v0x, v0y, v0z), d00)
     u1x = v1x - a1 * v0x
     u1y = v1y - a1 * v0y
     u1z = v1z - a1 * v0z
-    a2 = _dot(v2x, v2y, v2z, v0x, v0y, v0z) / d00
+    a2 = _quotient(_dot(v2x, v2y, v2z, v0x, v0y, v0z), d00)
     d11 = _dot(u1x, u1y, u1z, u1x, u1y, u1z)
-    b2 = _dot(v2x, v2y, v2z, u1x, u1y, u1z) / d11
+    b2 = _quotient(_dot(v2x, v2y, v2z, u1x, u1y, u1z), d11)
     u2x = v2x - a2 * v0x - b2 * u1x
     u2y = v2y - a2 * v0y - b2 * u1y
     u2z = v2z - a2 * v0z - b2 * u1z
@@ -162,13 +171,13 @@ def _gram_schmidt_backward_kernel(
 
     # ---- recompute the forward
     d00 = _dot(v0x, v0y, v0z, v0x, v0y, v0z)
-    a1 = _dot(v1x, v1y, v1z, v0x, v0y, v0z) / d00
+    a1 = _quotient(_dot(v1x, v1y, v1z, v0x, v0y, v0z), d00)
     u1x = v1x - a1 * v0x
     u1y = v1y - a1 * v0y
     u1z = v1z - a1 * v0z
-    a2 = _dot(v2x, v2y, v2z, v0x, v0y, v0z) / d00
+    a2 = _quotient(_dot(v2x, v2y, v2z, v0x, v0y, v0z), d00)
     d11 = _dot(u1x, u1y, u1z, u1x, u1y, u1z)
-    b2 = _dot(v2x, v2y, v2z, u1x, u1y, u1z) / d11
+    b2 = _quotient(_dot(v2x, v2y, v2z, u1x, u1y, u1z), d11)
     u2x = v2x - a2 * v0x - b2 * u1x
     u2y = v2y - a2 * v0y - b2 * u1y
     u2z = v2z - a2 * v0z - b2 * u1z
@@ -211,7 +220,7 @@ def _gram_schmidt_backward_kernel(
     gu1z -= b2 * gu2z
 
     # ---- b2 = <v2, u1> / d11, d11 = <u1, u1>
-    gb2 = gb2 / d11
+    gb2 = _quotient(gb2, d11)
     gv2x += gb2 * u1x
     gv2y += gb2 * u1y
     gv2z += gb2 * u1z
@@ -221,7 +230,7 @@ def _gram_schmidt_backward_kernel(
     gu1z += gb2 * v2z + gd11_twice * u1z
 
     # ---- a2 = <v2, u0> / d00
-    ga2 = ga2 / d00
+    ga2 = _quotient(ga2, d00)
     gv2x += ga2 * v0x
     gv2y += ga2 * v0y
     gv2z += ga2 * v0z
@@ -238,7 +247,7 @@ def _gram_schmidt_backward_kernel(
     gu0z -= a1 * gu1z
 
     # ---- a1 = <v1, u0> / d00
-    ga1 = ga1 / d00
+    ga1 = _quotient(ga1, d00)
     gv1x += ga1 * v0x
     gv1y += ga1 * v0y
     gv1z += ga1 * v0z

@@ -1,5 +1,5 @@
 """Triton kernels for the permutation ops: ``permute_nodes``, ``permute_edges``, ``unpermute_mean``
-and ``unpermute_edges_mean`` (SPEC section 2).
+and ``unpermute_edges_mean`` (docs/SPEC.md, "Ops").
 
 All four are memory-bound gathers. The scatter-means are written as gathers too: a tiny kernel
 inverts the permutation (``inverse[b, j, perm[b, j, r]] = r``), then each output row gathers its

@@ -1,5 +1,6 @@
 """Triton kernels for ``sinkhorn_sort`` and ``permutation_entropy``, forward and backward
-(SPEC section 3, docs/DESIGN.md "Sinkhorn in dual potentials" and "Permutation entropy gradient").
+(docs/SPEC.md "Distribution-side ops"; docs/DESIGN.md "Sinkhorn in dual potentials" and
+"Permutation entropy gradient").
 
 One program owns one ``(b, j)`` matrix. The ``n x n`` matrix is never materialized: the kernels
 walk it in full-width row tiles ``[BLOCK_I, BLOCK_N]`` (``BLOCK_N >= n``), so that every row

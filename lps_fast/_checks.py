@@ -3,7 +3,9 @@
 Every public op calls one of the ``check_<op>`` functions first, so bad input fails the same way
 on every backend: a ``TypeError`` for a wrong type or dtype, a ``ValueError`` for a wrong shape,
 device or value, each naming the argument and what was expected. The checks read shapes only,
-except the permutation-value check, whose policy is set by ``LPS_FAST_CHECK_PERM``:
+except two value checks (every row of ``perm`` is a permutation; ``sinkhorn_sort`` scores are
+finite on real nodes), whose policy is set by ``LPS_FAST_CHECK_PERM``. Value checks never run
+on meta or fake tensors (shape propagation, tracing), which hold no values:
 
 * ``auto`` (default): check perm values in Python on CPU tensors when the backend does not check
   them itself (the C++ kernels validate perm inside the kernel at no extra pass); never on GPU
@@ -122,9 +124,18 @@ def check_perm(
     return perm.shape[1]
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (shape propagation, tracing): they hold no values to read."""
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
 def _should_check_values(perm: torch.Tensor, values_checked_by_kernel: bool) -> bool:
     policy = config.perm_policy
-    if policy == "never" or perm.numel() == 0 or _is_compiling():
+    if policy == "never" or perm.numel() == 0 or _is_compiling() or not _has_values(perm):
         return False
     if policy == "always":
         return True
@@ -310,6 +321,22 @@ def check_sinkhorn_sort(scores, tau, n_iter=20, mask=None) -> None:
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     check_mask(mask, scores, "scores", scores.shape[0], scores.shape[2])
+    if _should_check_values(scores, values_checked_by_kernel=False):
+        check_scores_finite(scores, mask)
+
+
+def check_scores_finite(scores: torch.Tensor, mask=None) -> None:
+    """Raise ValueError if a real node's score is NaN or infinite: it has no place in a sort
+    (the normalization would turn its whole row into NaN). Padded nodes' scores are ignored."""
+    finite = torch.isfinite(scores)
+    if mask is not None:
+        finite = finite | ~mask[:, None, :]
+    if not bool(finite.all()):
+        b, j, i = (int(v) for v in (~finite).nonzero()[0])
+        raise ValueError(
+            f"scores must be finite on real nodes; scores[{b}, {j}, {i}] = {float(scores[b, j, i])} "
+            f"({int((~finite).sum())} non-finite entries): check the network that produced them"
+        )
 
 
 def check_permutation_entropy(soft, mask=None) -> None:

@@ -1,8 +1,8 @@
 """torch.library registration of the fast ops: schemas, fake kernels and autograd formulas.
 
-Every op of SPEC sections 2 and 3 is declared once here as ``lps_fast::<op>`` with the public
-signature. The compiled extensions register its CPU and CUDA kernels (``TORCH_LIBRARY_IMPL`` in
-``csrc/``); the Triton kernels (``kernels/``) define ``lps_fast::<op>_triton`` with the same
+Every op of docs/SPEC.md ("Ops" and "Distribution-side ops") is declared once here as
+``lps_fast::<op>`` with the public signature. The compiled extensions register its CPU and CUDA
+kernels (``TORCH_LIBRARY_IMPL`` in ``csrc/``); the Triton kernels (``kernels/``) define ``lps_fast::<op>_triton`` with the same
 schema through ``triton_op``. Both get the same autograd formulas from :func:`register_autograd`,
 written against an :class:`OpSet` so that a backward pass runs on the provider of its forward.
 
@@ -17,6 +17,7 @@ backward pass as one fused kernel (``CPU_BACKWARD_SCHEMAS``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Optional
 
 import torch
@@ -71,7 +72,9 @@ def qualified(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Fake (meta) kernels: output shapes and dtypes only. Shared by every provider.
+# Fake (meta) kernels: output shapes and dtypes only. Shared by every provider. Every kernel
+# returns a freshly allocated contiguous tensor whatever the input's strides, so the fakes use
+# new_empty(shape) (contiguous), never empty_like (which copies a transposed input's strides).
 
 
 def fake_permute_nodes(x, perm, soft=None):
@@ -106,7 +109,7 @@ def fake_sinkhorn_sort(scores, tau, n_iter=20, mask=None):
 
 
 def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
-    return torch.empty_like(scores)
+    return scores.new_empty(scores.shape)
 
 
 def fake_frame_apply_backward(grad, x, R, perm, center):
@@ -122,15 +125,15 @@ def fake_permutation_entropy(soft, mask=None):
 
 
 def fake_permutation_entropy_backward(grad, soft, mask):
-    return torch.empty_like(soft)
+    return soft.new_empty(soft.shape)
 
 
 def fake_gram_schmidt(V, proper=False):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 def fake_gram_schmidt_backward(grad, V, proper):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 FAKES: Dict[str, Callable] = {
@@ -232,6 +235,24 @@ def _sum_in_float32(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.sum(dim=dim, dtype=accumulate).to(t.dtype)
 
 
+def _without_autocast(backward: Callable) -> Callable:
+    """Run a backward formula with autocast off on the devices of its gradients.
+
+    A backward pass called inside ``torch.autocast`` would otherwise run the formulas' GEMMs in
+    the autocast dtype while their in-place accumulations (``baddbmm_``) and the kernels keep the
+    saved tensors' dtype; the formulas are written for the dtypes of the forward pass.
+    """
+
+    def wrapped(ctx, *grads):
+        with contextlib.ExitStack() as stack:
+            for device in {g.device.type for g in grads if isinstance(g, torch.Tensor)}:
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 def _needs_grad(ctx, count: int) -> tuple:
     """``ctx.needs_input_grad`` padded to ``count``: the dispatcher drops trailing arguments that
     equal their defaults (``soft=None``), and those never need a gradient."""
@@ -249,7 +270,8 @@ def register_autograd(ops: OpSet, names=None) -> None:
 
     def register(name, backward, setup_context):
         if name in wanted:
-            torch.library.register_autograd(qualified(name + s), backward, setup_context=setup_context)
+            torch.library.register_autograd(qualified(name + s), _without_autocast(backward),
+                                            setup_context=setup_context)
 
     # ---- permute_nodes: out[j, r] = x[p(r)] --------------------------------------------------
     def setup_permute_nodes(ctx, inputs, output):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ class CommandError(Exception):
 def _duration(text: str) -> float:
     from lps_fast.train.config import parse_duration
 
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
     try:
         return parse_duration(text)
     except ValueError as error:
@@ -335,6 +338,7 @@ def _main_job(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lps_fast.train import evaluate_checkpoint
 
+    _check_checkpoint_file(args.checkpoint)
     overrides = {"device": args.device, "data": args.data, "eval_samples": args.eval_samples,
                  "eval_batch_size": args.batch_size, "backend": args.backend, "test_trials": args.trials,
                  "limit": args.limit, "quiet": args.quiet}
@@ -515,9 +519,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_VALUE = re.compile(r"^-[0-9.]")
+
+
+def _attach_negative_values(argv: Sequence[str]) -> List[str]:
+    """``--opt -5s`` -> ``--opt=-5s``: argparse takes a token starting with '-' that is not a
+    plain number for an option and reports "expected one argument"; attached, the value reaches
+    the option's own check, which says what is wrong with it."""
+    out: List[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_VALUE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _check_checkpoint_file(path: str) -> None:
+    """One line for a file that is not a checkpoint, before torch.load's long unpickling text."""
+    file = Path(path)
+    if not file.is_file():
+        return  # load_checkpoint says "not found"
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch.save zip archive, or a legacy pickle
+        return
+    what = "a JSON file: a run's config or metrics?" if head.lstrip()[:1] in (b"{", b"[") else "not a torch file"
+    raise CommandError(f"{path} is not a lps-fast checkpoint ({what}); pass a run's best.pt or last.pt")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

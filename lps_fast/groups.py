@@ -27,7 +27,7 @@ Output kinds (what the symmetrized model returns): ``invariant (B, *F)``, ``node
 diagonal ``(B, n, *F)``), ``vector (B, n, 3, C)`` (rotated) and ``position (B, n, 3, C)``
 (rotated and translated).
 
-Conventions are those of SPEC section 1. A set of ``k`` samples per input
+Conventions are those of docs/SPEC.md, "Conventions". A set of ``k`` samples per input
 (:class:`GroupSample`) holds ``perm (B, k, n)`` (``perm[b, j, r]`` is the node placed at
 position ``r``), the optional straight-through ``soft (B, k, n, n)``, ``rotation (B, k, 3, 3)``
 (columns are frame axes) and, for translation groups, the ``center (B, 3)`` of the input
@@ -187,7 +187,7 @@ def masked_mean_nodes(values: torch.Tensor, mask: Optional[torch.Tensor], node_d
 
 @dataclass
 class GroupSample:
-    """``k`` group elements per input, as the symmetrization uses them (SPEC section 1).
+    """``k`` group elements per input, as the symmetrization uses them (docs/SPEC.md, "Conventions").
 
     ``perm (B, k, n)`` int64 and ``soft (B, k, n, n)`` for the permutation part; ``rotation
     (B, k, 3, 3)`` for the Euclidean part; ``center (B, 3)`` for translation groups. Absent
@@ -224,6 +224,17 @@ def _channel_center(center: torch.Tensor, channels: int, position_channels: Opti
         if c < channels:
             out[:, :, c] = center
     return out
+
+
+def _promoted(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The tensors in their common (widest) floating dtype. Under autocast a backbone or the
+    frame network may return bfloat16 while the frame or the data stay float32; the frame ops
+    take one dtype, so the narrower side is widened rather than the frame rounded."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _node_mask_like(mask: Optional[torch.Tensor], value: torch.Tensor, node_dims: Tuple[int, ...]) -> Optional[torch.Tensor]:
@@ -374,6 +385,7 @@ class Group:
                 center = None
                 if sample.center is not None:
                     center = _channel_center(sample.center, points.shape[-1], self.position_channels)
+                points, rotation, center = _promoted(points, rotation, center)
                 views["points"] = ops.frame_apply(points, rotation, perm, center, soft)
                 if center is not None and inputs.mask is not None:
                     # Centering moved padded nodes off zero; put them back so they carry nothing.
@@ -426,6 +438,7 @@ class Group:
                 center = None
                 if kind == "position" and sample.center is not None:
                     center = _channel_center(sample.center, y.shape[-1], None)
+                y, rotation, center = _promoted(y, rotation, center)
                 out = ops.frame_unapply_mean(y, rotation, perm, center, soft)
             elif perm is not None:
                 out = ops.unpermute_mean(y, perm, soft)

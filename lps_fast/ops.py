@@ -1,7 +1,8 @@
 """The public ops: validate, then run the provider chosen for the input's device.
 
-Each function has the signature and semantics of its reference in ``lps_fast.reference`` (SPEC
-sections 2 and 3); ``lps_fast.backend_info()`` says which provider runs it.
+Each function has the signature and semantics of its reference in ``lps_fast.reference``
+(docs/SPEC.md, "Ops" and "Distribution-side ops"); ``lps_fast.backend_info()`` says which
+provider runs it.
 """
 
 from __future__ import annotations

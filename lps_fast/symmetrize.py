@@ -115,10 +115,18 @@ class Symmetrize(nn.Module):
         residual: an equivariant function of the inputs dict added to the averaged output (a
             dict of them for dict outputs, with a subset of the output names), e.g.
             :class:`InputResidual`; see the module docstring.
+        check_finite: check the inputs, the noise, the backbone's outputs and the result for
+            NaN and Inf on every forward pass, and raise a ``ValueError`` naming the first
+            offending tensor (off by default: each check reads values, a device synchronisation,
+            and is a graph break under ``torch.compile``).
 
-    ``forward(inputs, noise=None)`` returns ``(output, aux_losses)``. ``noise`` (a dict, see
-    :meth:`draw_noise`) fixes every random draw, so that
-    ``model(g . x, noise=g . eps) == g . model(x, noise=eps)`` holds exactly.
+    ``forward(inputs, noise=None, generator=None)`` returns ``(output, aux_losses)``. ``noise``
+    (a dict, see :meth:`draw_noise`) fixes every random draw, so that
+    ``model(g . x, noise=g . eps) == g . model(x, noise=eps)`` holds exactly; ``generator``
+    draws the noise from a seeded ``torch.Generator`` instead, so an evaluation repeats exactly.
+
+    Floating inputs are cast to the dtype of the model's parameters (see docs/SPEC.md, "Dtypes");
+    integer and bool features become that dtype too.
     """
 
     def __init__(
@@ -131,6 +139,7 @@ class Symmetrize(nn.Module):
         output: Union[str, Mapping[str, str]] = "invariant",
         backend: str = "fast",
         residual: Optional[Residual] = None,
+        check_finite: bool = False,
     ):
         super().__init__()
         self.group = parse(group) if isinstance(group, str) else group
@@ -166,6 +175,7 @@ class Symmetrize(nn.Module):
         if isinstance(self.output, str) and residual_kind == "position" and self.output == "vector":
             return "position"
         return self.output
+        self.check_finite = bool(check_finite)
 
     def extra_repr(self) -> str:
         return (f"group={self.group!r}, n_samples={self.n_samples}, eval_n_samples={self.eval_n_samples}, "
@@ -178,14 +188,24 @@ class Symmetrize(nn.Module):
         requested = n_samples if n_samples is not None else (self.n_samples if self.training else self.eval_n_samples)
         return self.distribution.num_samples(requested)
 
-    def _dtype(self) -> torch.dtype:
+    def _parameter_dtype(self) -> Optional[torch.dtype]:
         for tensor in self.parameters():
             if tensor.is_floating_point():
                 return tensor.dtype
-        return torch.get_default_dtype()
+        return None
+
+    def _dtype(self) -> torch.dtype:
+        return self._parameter_dtype() or torch.get_default_dtype()
 
     def _inputs(self, inputs) -> Inputs:
         batch = Inputs.from_dict(inputs, dtype=self._dtype())
+        dtype = self._parameter_dtype()
+        if dtype is not None and batch.dtype != dtype:
+            # The model's parameters fix the dtype: float32 data into a float64 model (or the
+            # reverse) would otherwise fail deep inside a matmul. Under autocast the parameters
+            # keep their dtype, so the inputs stay as they are.
+            batch = Inputs.from_dict({key: value.to(dtype) if value.is_floating_point() else value
+                                      for key, value in batch.to_dict().items()})
         self.group.check_inputs(batch)
         return batch
 
@@ -206,12 +226,13 @@ class Symmetrize(nn.Module):
         return _backend.use_backend(self.backend)
 
     def sample(self, inputs, noise: Optional[Dict[str, torch.Tensor]] = None,
-               n_samples: Optional[int] = None) -> Tuple[GroupSample, Dict[str, torch.Tensor]]:
+               n_samples: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tuple[GroupSample, Dict[str, torch.Tensor]]:
         """The group samples (and auxiliary losses) a forward pass would use."""
         batch = self._inputs(inputs)
         k = self._resolve_k(batch, noise, n_samples)
         if noise is None:
-            noise = self.distribution.draw_noise(batch, k)
+            noise = self.distribution.draw_noise(batch, k, generator)
         with self._backend_context():
             return self.distribution(batch, noise, k)
 
@@ -226,7 +247,8 @@ class Symmetrize(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, inputs, noise: Optional[Dict[str, torch.Tensor]] = None,
-                n_samples: Optional[int] = None) -> Tuple[Output, Dict[str, torch.Tensor]]:
+                n_samples: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[Output, Dict[str, torch.Tensor]]:
         """Symmetrized output and auxiliary losses.
 
         Args:
@@ -234,11 +256,20 @@ class Symmetrize(nn.Module):
                 :mod:`lps_fast.groups`).
             noise: every random draw (from :meth:`draw_noise`); drawn here when None.
             n_samples: override ``k`` for this call.
+            generator: the ``torch.Generator`` the noise is drawn from when ``noise`` is None
+                (default: the global one). Seeding it makes a forward pass repeat exactly::
+
+                    out, _ = model(inputs, generator=torch.Generator().manual_seed(0))
         """
         batch = self._inputs(inputs)
         k = self._resolve_k(batch, noise, n_samples)
         if noise is None:
-            noise = self.distribution.draw_noise(batch, k)
+            noise = self.distribution.draw_noise(batch, k, generator)
+        if self.check_finite:
+            for key, value in batch.to_dict().items():
+                _require_finite(value, f"inputs[{key!r}]")
+            for key, value in noise.items():
+                _require_finite(value, f"noise[{key!r}]")
         with self._backend_context():
             sample, aux = self.distribution(batch, noise, k)
             views = self.group.transform_inputs(sample, batch)
@@ -288,8 +319,45 @@ class Symmetrize(nn.Module):
         if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != batch.batch * k:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"backbone {name} must have leading dim B*k = {batch.batch * k}, got {shape}")
+        _check_output_shape(y, kind, batch.n, name)
+        if self.check_finite:
+            _require_finite(y, f"backbone {name}")
         y = y.reshape(batch.batch, k, *y.shape[1:])
-        return self.group.transform_output(sample, y, kind, batch.mask)
+        out = self.group.transform_output(sample, y, kind, batch.mask)
+        if self.check_finite:
+            _require_finite(out, f"symmetrized {name}")
+        return out
+
+
+# Node dims each output kind needs after the leading B*k, and the shape to name in an error.
+_NODE_DIMS = {"node": (1, "(B*k, n, *F)"), "edge": (2, "(B*k, n, n, *F)"), "diagonal": (2, "(B*k, n, n, *F)"),
+              "vector": (1, "(B*k, n, 3[, C])"), "position": (1, "(B*k, n, 3[, C])")}
+
+
+def _check_output_shape(y: torch.Tensor, kind: str, n: int, name: str) -> None:
+    """A clear error for a backbone output whose shape does not fit its declared kind."""
+    shape = tuple(y.shape)
+    if kind == "invariant":
+        # (B*k, n, F) is a per-node output: averaging it as invariant would silently keep the
+        # node order of each sample (not invariant). A per-sample tensor has no node dim.
+        if y.dim() >= 3 and n > 1 and y.shape[1] == n:
+            raise ValueError(
+                f"backbone {name} has shape {shape}, a per-node output (B*k, n = {n}, ...), but its kind is "
+                "'invariant', which needs (B*k, *F) with no node dim: pool over the nodes in the backbone, "
+                "or declare the output 'node'"
+            )
+        return
+    dims, expected = _NODE_DIMS[kind]
+    if y.dim() < 1 + dims or any(size != n for size in shape[1:1 + dims]):
+        raise ValueError(f"backbone {name} of kind {kind!r} must have shape {expected} with n = {n}, got {shape}")
+
+
+def _require_finite(value: torch.Tensor, name: str) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = ~torch.isfinite(value)
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN or Inf value(s) of {value.numel()}; "
+                         f"first at index {first}: {float(value.detach()[first])}")
 
 
 __all__ = ["Symmetrize", "InputResidual"]

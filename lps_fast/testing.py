@@ -126,9 +126,15 @@ def assert_equivariant(
         deviation = float(diff.max()) if diff.numel() else 0.0
         report[name] = deviation
         bound = atol + rtol * expected.double().abs()
-        if diff.numel() and (bool((diff > bound).any()) or not bool(torch.isfinite(got).all())):
+        # NaN compares false with everything: count non-finite values on either side as failures.
+        not_finite = ~(torch.isfinite(got) & torch.isfinite(expected))
+        out_of_tolerance = (diff > bound) & ~not_finite
+        if bool(not_finite.any()):
+            failures.append(f"{name}: {int(not_finite.sum())} of {diff.numel()} elements are NaN or Inf "
+                            "(in the output or in the transformed expectation): equivariance cannot hold")
+        elif bool(out_of_tolerance.any()):
             failures.append(f"{name}: largest deviation {deviation:.3g} (atol={atol:g}, rtol={rtol:g}, "
-                            f"{int((diff > bound).sum())} of {diff.numel()} elements out of tolerance)")
+                            f"{int(out_of_tolerance.sum())} of {diff.numel()} elements out of tolerance)")
     if failures:
         summary = ", ".join(f"{name}={value:.3g}" for name, value in report.items())
         raise AssertionError(f"not equivariant to {group!r}: " + "; ".join(failures) + f" [deviations: {summary}]")

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from lps_fast import cli
 
@@ -79,6 +81,8 @@ def test_module_entry_point_and_console_script():
     (["compare", "nbody", "-D", "learned", "--k", "uniform=4"], "not among the compared"),
     (["bench", "nosuchfamily"], "unknown benchmark family"),
     (["main", "--budget", "soon"], "invalid duration"),
+    (["train", "nbody", "--time-budget", "-5s"], "argument --time-budget: a duration must be positive"),
+    (["compare", "nbody", "--time-budget", "-1m"], "argument --time-budget: a duration must be positive"),
 ])
 def test_bad_options_and_data_exit_2_with_a_readable_message(capsys, argv, message):
     status, out, err = run_cli(capsys, *argv)
@@ -92,6 +96,43 @@ def test_eval_rejects_a_file_that_is_not_a_checkpoint(capsys, tmp_path):
     bogus.write_text("not a checkpoint")
     status, _, err = run_cli(capsys, "eval", str(bogus))
     assert status == 2 and "not a lps-fast checkpoint" in err
+
+
+def test_eval_of_a_config_file_says_so_in_one_line(capsys, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"task": "nbody"}))
+    status, _, err = run_cli(capsys, "eval", str(config))
+    assert status == 2
+    assert err.count("\n") == 1 and "JSON file" in err and "best.pt" in err
+    assert "weights_only" not in err
+
+
+def test_plot_of_a_metric_no_run_logged_names_the_logged_ones(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"epoch": e, "step": 10 * e, "time": 1.0 * e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_mse": 0.5}
+               for e in (1, 2)]
+    (run / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    status, _, err = run_cli(capsys, "plot", str(run), "--metric", "accuracy", "--out", str(tmp_path / "c.png"))
+    assert status == 2
+    assert "no run logs a validation 'accuracy'" in err and "loss, mse" in err
+    assert not (tmp_path / "c.png").exists()
+    status, _, _ = run_cli(capsys, "plot", str(run), "--metric", "mse", "--out", str(tmp_path / "c.png"))
+    assert status == 0 and (tmp_path / "c.png").is_file()
+
+
+def test_epoch_line_numbers_share_one_format():
+    from lps_fast.train.recipes import get_recipe
+    from lps_fast.train.trainer import _epoch_line, _format_value
+
+    assert [_format_value(v) for v in (0.1, 0.12345, 2.0, 12.5, 1.5e-5, 2e4)] == \
+        ["0.1000", "0.1235", "2.000", "12.50", "1.500e-05", "2.000e+04"]
+    # NumPy and 0-dim tensor values print like floats, not as their repr
+    assert _format_value(np.float32(0.25)) == _format_value(torch.tensor(0.25)) == "0.2500"
+    assert _format_value(3) == "3" and _format_value(None) == "-"
+    line = _epoch_line({"epoch": 3, "train_loss": 0.5, "train_mse": np.float64(0.1), "val_mse": 0.0312345,
+                        "best_val_mse": 0.03, "lr": 1e-3, "time": 12.0}, get_recipe("nbody"))
+    assert "loss 0.5000 | train mse 0.1000 | val mse 0.03123 | best 0.03000" in line
 
 
 def test_train_then_eval_reproduces_the_test_metric_then_plot(capsys, tmp_path):

@@ -47,10 +47,26 @@ CPP_OPS = sorted(
 )
 
 
+def _relayout(t, layout: str):
+    """The same values in another memory layout: the kernels copy or stride through it, and the
+    fake kernel must still describe the (contiguous) output the real kernel returns."""
+    if not isinstance(t, torch.Tensor) or layout == "contiguous":
+        return t
+    if layout == "transposed":
+        if t.dim() < 2:
+            return t
+        out = t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:  # every element one slot apart: a non-unit innermost stride
+        out = torch.stack([t.detach(), torch.zeros_like(t)], dim=-1)[..., 0]
+    assert t.dim() < 2 or not out.is_contiguous()
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("name", CPP_OPS or [pytest.param("none", marks=pytest.mark.skip("no CPU kernels"))])
-def test_opcheck(name):
+def test_opcheck(name, layout):
     op = getattr(torch.ops.lps_fast, name).default
-    torch.library.opcheck(op, _inputs()[name])
+    torch.library.opcheck(op, tuple(_relayout(a, layout) for a in _inputs()[name]))
 
 
 def _model_step(x, e, scores, points, V):

@@ -1,4 +1,4 @@
-// CPU kernels of the frame family (SPEC section 2). Centering, the permutation gather or
+// CPU kernels of the frame family (docs/SPEC.md, "Ops"). Centering, the permutation gather or
 // scatter, the 3 x 3 rotation and the mean over samples are one pass over the data. The
 // forward walks one sample's points in order (no index division per point) with the rotation
 // in registers; small channel counts are compile-time constants so the per-point loops unroll.

@@ -1,4 +1,4 @@
-// CPU kernels of gram_schmidt (SPEC section 3): three vectors -> an orthonormal frame.
+// CPU kernels of gram_schmidt (docs/SPEC.md, "Distribution-side ops"): three vectors -> a frame.
 #pragma once
 
 #include <ATen/core/Tensor.h>

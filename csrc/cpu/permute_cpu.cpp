@@ -1,4 +1,4 @@
-// CPU kernels of the permutation family (SPEC section 2).
+// CPU kernels of the permutation family (docs/SPEC.md, "Ops").
 //
 // The gathers copy raw bytes, so they serve every dtype: a node row or an edge cell is copied as
 // one fixed-size block when its size is a power of two up to 64 bytes (a few register moves),

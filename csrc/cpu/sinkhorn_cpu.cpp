@@ -1,6 +1,6 @@
 // CPU kernels of the distribution side of S_n: sinkhorn_sort (forward and backward) and
-// permutation_entropy (forward and backward). SPEC section 3 defines them; docs/DESIGN.md
-// derives the dual-potential form used here.
+// permutation_entropy (forward and backward). docs/SPEC.md ("Distribution-side ops") defines
+// them; docs/DESIGN.md derives the dual-potential form used here.
 //
 // One (b, j) matrix per parallel item. The Sinkhorn iterates are L0 - U[i] - V[r], so the
 // kernel keeps the m x m cost matrix L0 (m real nodes) and the two potential vectors in cache,
@@ -738,9 +738,10 @@ void entropy_forward_kernel(const at::Tensor& soft, const bool* mask_data, at::T
     if (mask_data != nullptr) n_real = std::count(mask_data + b * n, mask_data + (b + 1) * n, true);
     double graph = 0;
     for (int64_t j = 0; j < k; ++j) graph += per_matrix[b * k + j];
-    result += graph / (static_cast<double>(k) * std::max<int64_t>(n_real, 1));
+    if (k > 0) result += graph / (static_cast<double>(k) * std::max<int64_t>(n_real, 1));
   }
-  out.fill_(batch > 0 ? result / batch : std::numeric_limits<double>::quiet_NaN());
+  // No graphs (or no samples) carry no entropy: 0, so adding it to a loss changes nothing.
+  out.fill_(batch > 0 ? result / batch : 0.0);
 }
 
 template <typename scalar_t>

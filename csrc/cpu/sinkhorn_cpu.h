@@ -1,4 +1,4 @@
-// CPU kernels of sinkhorn_sort and permutation_entropy (SPEC section 3).
+// CPU kernels of sinkhorn_sort and permutation_entropy (docs/SPEC.md, "Distribution-side ops").
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// CUDA kernels of the frame family (SPEC section 2): centering, the permutation gather or
+// CUDA kernels of the frame family (docs/SPEC.md, "Ops"): centering, the permutation gather or
 // scatter, the 3 x 3 rotation and the mean over samples in one pass, one thread per
 // (point, channel) computing all three components. Memory-bound; R and center are tiny and
 // broadcast through the cache.

@@ -1,4 +1,4 @@
-// CUDA kernels of the permutation family (SPEC section 2), registered for the CUDA dispatch key.
+// CUDA kernels of the permutation family (docs/SPEC.md, "Ops"), registered for the CUDA dispatch key.
 //
 // All of them are memory-bound. The gathers copy raw bytes in the widest aligned vector that
 // divides a row (16, 8, 4, 2 or 1 bytes), so one instantiation per width serves every dtype.

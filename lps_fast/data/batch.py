@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -105,6 +105,29 @@ class DenseBatch:
     def pin_memory(self) -> "DenseBatch":
         """Page-lock every tensor (called by ``DataLoader(pin_memory=True)``)."""
         return self._map(lambda tensor: tensor.pin_memory())
+
+    def to_inputs(self, num_node_categories: Optional[int] = None,
+                  dtype: torch.dtype = torch.float32) -> Dict[str, Tensor]:
+        """The inputs dict of :class:`lps_fast.Symmetrize`, as the graph tasks build it.
+
+        * ``nodes (B, n, F)``: one-hot of integer categories when ``num_node_categories`` is
+          given (zero on padded nodes), else the features as floats, trailing dims flattened;
+        * ``edges (B, n, n, 1 + E)``: the adjacency, then the edge features (if any);
+        * ``points (B, n, 3, C)`` when the batch has them; ``mask (B, n)``.
+        """
+        mask = self.mask
+        if num_node_categories:
+            nodes = torch.nn.functional.one_hot(self.node_features.long(), num_node_categories).to(dtype)
+            nodes = nodes * mask[..., None].to(dtype)
+        else:
+            nodes = self.node_features.to(dtype).reshape(*mask.shape, -1)
+        edges = self.adjacency.to(dtype)[..., None]
+        if self.edge_features is not None:
+            edges = torch.cat([edges, self.edge_features.to(dtype).reshape(*edges.shape[:3], -1)], dim=-1)
+        inputs = {"nodes": nodes, "edges": edges, "mask": mask}
+        if self.points is not None:
+            inputs["points"] = self.points.to(dtype)
+        return inputs
 
 
 def _stack_padded(tensors: Sequence[Tensor], size: int, dims: int, fill) -> Tensor:

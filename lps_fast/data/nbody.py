@@ -1,7 +1,7 @@
 """Charged n-body simulation (Kipf et al. 2018; the 3D setting of Satorras et al. 2021).
 
-Physics (SPEC section 6): ``n`` particles of unit mass in 3D, charges uniform in {-1, +1},
-positions ~ N(0, 1) per coordinate, velocities ~ N(0, 1) rescaled to norm 0.5 per particle.
+Physics (docs/SPEC.md, "n-body data"): ``n`` particles of unit mass in 3D, charges uniform in
+{-1, +1}, positions ~ N(0, 1) per coordinate, velocities ~ N(0, 1) rescaled to norm 0.5 per particle.
 The force on particle i is ``F_i = s * sum_j q_i q_j (x_i - x_j) / |x_i - x_j|^3`` (``s`` the
 interaction strength, 1), each component clipped to ``[-max_force, max_force]`` (100), which is
 ``-grad U`` of ``U = s * sum_{i<j} q_i q_j / |x_i - x_j|`` while no component is clipped.
@@ -39,7 +39,7 @@ DEFAULT_SIZES = {"train": 3000, "val": 2000, "test": 2000}
 
 @dataclass(frozen=True)
 class NBodyConfig:
-    """Parameters of the charged n-body task (defaults: SPEC section 6).
+    """Parameters of the charged n-body task (defaults: docs/SPEC.md, "n-body data").
 
     Attributes:
         n_particles: particles per system.

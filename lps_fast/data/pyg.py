@@ -13,7 +13,7 @@ plain attribute.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -133,6 +133,13 @@ def dense_batch_from_pyg(
     graphs: List = batch.to_data_list() if hasattr(batch, "to_data_list") else list(batch)
     samples = [from_pyg(data, target_level, index=position) for position, data in enumerate(graphs)]
     return collate_dense(samples, pad_to=pad_to)
+
+
+def inputs_from_pyg(batch, num_node_categories: Optional[int] = None, pad_to: Optional[int] = None,
+                    dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """A PyG ``Batch`` (or a list of ``Data``) as the inputs dict of :class:`lps_fast.Symmetrize`:
+    padded to its largest graph (or ``pad_to``), then :meth:`DenseBatch.to_inputs`."""
+    return dense_batch_from_pyg(batch, pad_to=pad_to).to_inputs(num_node_categories, dtype)
 
 
 def dataset_to_pyg(dataset) -> List:

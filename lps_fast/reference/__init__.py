@@ -1,7 +1,7 @@
 """The pure-PyTorch reference path: the specification every fast kernel is tested against.
 
 Each function has the signature of the public op of the same name in ``lps_fast`` and is
-written as the plain dense formula of SPEC sections 2 and 3.
+written as the plain dense formula of docs/SPEC.md, "Ops" and "Distribution-side ops".
 """
 
 from .frame import frame_apply, frame_unapply_mean

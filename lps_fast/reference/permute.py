@@ -1,4 +1,4 @@
-"""Reference permutation ops: the dense formulas of SPEC section 2 with permutation matrices.
+"""Reference permutation ops: the dense formulas of docs/SPEC.md ("Ops") with permutation matrices.
 
 ``H[b, j, i, r] = 1`` if ``perm[b, j, r] == i`` (rows = nodes, columns = positions). The inverse
 group element acts on inputs as ``H^T x``; outputs go back as ``H y``. With a soft matrix ``S``
@@ -22,8 +22,9 @@ from .. import _checks
 def permutation_matrix(perm: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``H`` of a ``(B, k, n)`` perm: ``H[b, j, i, r] = (perm[b, j, r] == i)``."""
     n = perm.shape[-1]
-    # one_hot gives [b, j, r, i]; transpose to the (node, position) layout of the spec.
-    return torch.nn.functional.one_hot(perm, n).transpose(-1, -2).to(dtype)
+    # A comparison rather than one_hot, which cannot build a matrix with n = 0 classes.
+    nodes = torch.arange(n, device=perm.device, dtype=perm.dtype)
+    return (perm[..., None, :] == nodes[:, None]).to(dtype)
 
 
 def straight_through_matrix(

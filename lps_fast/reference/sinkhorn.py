@@ -1,7 +1,7 @@
 """Reference distribution-side ops for S_n: the Sinkhorn soft sort and the permutation entropy.
 
-``sinkhorn_sort`` follows SPEC section 3 step by step, as an unrolled loop that autograd
-differentiates through every iteration (it keeps ``2 * n_iter`` dense intermediates alive: that
+``sinkhorn_sort`` follows docs/SPEC.md ("Distribution-side ops") step by step, as an unrolled
+loop that autograd differentiates through every iteration (it keeps ``2 * n_iter`` dense intermediates alive: that
 cost is what the fast kernels remove).
 """
 
@@ -80,7 +80,9 @@ def sinkhorn_sort(
 
 
 def _permutation_entropy(soft: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    batch, _, n, _ = soft.shape
+    batch, k, n, _ = soft.shape
+    if batch == 0 or k == 0:
+        return soft.sum()  # no graphs or no samples carry no entropy: 0 (and a zero gradient)
     if mask is None:
         mask = torch.ones(batch, n, dtype=torch.bool, device=soft.device)
     pairs = (mask[:, :, None] & mask[:, None, :])[:, None]  # [B, 1, n, n]

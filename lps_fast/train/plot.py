@@ -70,6 +70,8 @@ def plot_runs(runs: Sequence, out, metric: Optional[str] = None, x: str = "epoch
         raise ValueError("no runs to plot")
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     chosen_metric = metric
+    drawn = 0  # runs whose log has the metric
+    available = set()
     for run in runs:
         records = read_log(run)
         summary = _summary(run)
@@ -82,8 +84,14 @@ def plot_runs(runs: Sequence, out, metric: Optional[str] = None, x: str = "epoch
         label = _label(run, summary)
         loss_axis.plot(xs, [record.get("train_loss") for record in records], marker=".", label=label)
         values = [(xv, record.get(f"val_{name}")) for xv, record in zip(xs, records) if record.get(f"val_{name}") is not None]
+        available.update(key[4:] for record in records for key in record if key.startswith("val_"))
         if values:
+            drawn += 1
             metric_axis.plot([v[0] for v in values], [v[1] for v in values], marker=".", label=label)
+    if not drawn:
+        plt.close(figure)
+        logged = ", ".join(sorted(available)) or "none"
+        raise ValueError(f"no run logs a validation {chosen_metric!r}; the logs have: {logged} (choose with --metric)")
     loss_scale = log_scale if log_scale is not None else True
     if loss_scale:
         loss_axis.set_yscale("log")

@@ -634,10 +634,22 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
 
 
 def _format_value(value) -> str:
+    """Four significant digits for every real number (Python, NumPy or 0-dim tensor), fixed
+    notation between 1e-3 and 1e4 and scientific outside, so the columns of epoch lines read alike."""
+    import numbers
+
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if value == 0 or not math.isfinite(value):
+            return f"{value:g}"
+        # "#" keeps trailing zeros: 0.1000 beside 0.1235, not 0.1
+        return f"{value:#.4g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
     return str(value)
 
 
