@@ -68,7 +68,7 @@ def _masked_nodes(views, mask, node_dim: int, point_channels: int) -> Optional[t
             continue
         if views.get(key) is None:
             raise ValueError(f"the backbone was built for {key!r} inputs, which are missing")
-        value = views[key].reshape(n_graphs, n, -1)
+        value = views[key].reshape(n_graphs, n, math.prod(views[key].shape[2:]))  # no -1: batches may be empty
         if value.shape[-1] != size:
             raise ValueError(f"the backbone expects {size} features per node in {key!r}, got {value.shape[-1]}")
         parts.append(value)
@@ -85,7 +85,7 @@ def _masked_edges(views, mask, edge_dim: int) -> Optional[torch.Tensor]:
     if edges is None:
         raise ValueError("the backbone was built for 'edges' inputs, which are missing")
     n_graphs, n = mask.shape
-    edges = edges.reshape(n_graphs, n, n, -1)
+    edges = edges.reshape(n_graphs, n, n, math.prod(edges.shape[3:]))
     if edges.shape[-1] != edge_dim:
         raise ValueError(f"the backbone expects {edge_dim} edge channels, got {edges.shape[-1]}")
     pairs = (mask[:, :, None] & mask[:, None, :])[..., None]

@@ -48,16 +48,15 @@ class NoiseSpec:
     scale: float = 1.0
 
     def draw(self, dtype: torch.dtype, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if generator is not None and generator.device != torch.device(device).type:
-            draw_device = generator.device
-        else:
-            draw_device = device
-        if self.law == "uniform":
-            value = torch.rand(self.shape, generator=generator, dtype=dtype, device=draw_device)
-        elif self.law == "normal":
-            value = torch.randn(self.shape, generator=generator, dtype=dtype, device=draw_device)
-        else:
+        if self.law not in ("uniform", "normal"):
             raise ValueError(f"unknown noise law {self.law!r}")
+        sampler = torch.rand if self.law == "uniform" else torch.randn
+        if generator is None:
+            # No generator argument at all: torch.compile traces this call with symbolic sizes,
+            # an explicit generator=None it cannot.
+            return sampler(self.shape, dtype=dtype, device=device) * self.scale
+        draw_device = generator.device if generator.device.type != torch.device(device).type else device
+        value = sampler(self.shape, generator=generator, dtype=dtype, device=draw_device)
         return (value * self.scale).to(device)
 
 
@@ -77,6 +76,14 @@ class Distribution(nn.Module):
             raise ValueError(f"{type(self).__name__} is already bound to {self.group!r}, not {group!r}")
         self.group = group
         return self
+
+    def check_noise(self, inputs: Inputs, noise: Dict[str, torch.Tensor], k: int) -> None:
+        """Refuse noise entries this distribution does not draw (a misspelt key would otherwise be
+        ignored and the real draw silently made)."""
+        unknown = sorted(set(noise) - set(self.noise_spec(inputs, k)))
+        if unknown:
+            expected = sorted(self.noise_spec(inputs, k)) or "none"
+            raise ValueError(f"{type(self).__name__} draws no noise {unknown}; its noise entries: {expected}")
 
     def _require_group(self) -> Group:
         if self.group is None:
@@ -499,7 +506,7 @@ class Learned(Distribution):
         """O(3)-invariant per-node features: node features and the mean of each edge channel."""
         parts = []
         if inputs.nodes is not None:
-            parts.append(inputs.nodes.reshape(inputs.batch, inputs.n, -1))
+            parts.append(inputs.nodes.reshape(inputs.batch, inputs.n, math.prod(inputs.nodes.shape[2:])))
         if edges is not None:
             parts.append(masked_mean_nodes(edges, inputs.mask, node_dim=2))
         return torch.cat(parts, dim=-1) if parts else None

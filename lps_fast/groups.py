@@ -41,6 +41,7 @@ as ``g . x`` (``x'[perm[i]] = x[i]``, ``v' = R v + t``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -155,16 +156,17 @@ class Inputs:
         """Per-node features flattened to ``(B, n, F)``: nodes, then points (when asked)."""
         parts = []
         if self.nodes is not None:
-            parts.append(self.nodes.reshape(self.batch, self.n, -1))
+            parts.append(self.nodes.reshape(self.batch, self.n, math.prod(self.nodes.shape[2:])))
         if include_points and self.points is not None:
-            parts.append(self.points.reshape(self.batch, self.n, -1))
+            parts.append(self.points.reshape(self.batch, self.n, math.prod(self.points.shape[2:])))
         return torch.cat(parts, dim=-1) if parts else None
 
     def edge_features(self) -> Optional[torch.Tensor]:
         """Edges with their feature dims flattened to one channel dim: ``(B, n, n, C)``."""
         if self.edges is None:
             return None
-        return self.edges.reshape(self.batch, self.n, self.n, -1)
+        # explicit sizes: an empty batch cannot infer a -1
+        return self.edges.reshape(self.batch, self.n, self.n, math.prod(self.edges.shape[3:]))
 
     def to_dict(self) -> Dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in INPUT_KEYS if getattr(self, k) is not None}

@@ -148,8 +148,12 @@ class Symmetrize(nn.Module):
         distribution = Identity() if distribution is None else distribution
         if not isinstance(distribution, Distribution):
             raise TypeError(f"distribution must be a lps_fast.distributions.Distribution, got {type(distribution).__name__}")
+        if getattr(distribution, "_owner_bound", False):
+            raise ValueError(f"this {type(distribution).__name__} already belongs to another Symmetrize (its networks "
+                             f"would be shared by both models, each training them): create one per model")
         self.backbone = backbone
         self.distribution = distribution.bind(self.group)
+        self.distribution._owner_bound = True
         if n_samples < 1 or (eval_n_samples is not None and eval_n_samples < 1):
             raise ValueError("n_samples and eval_n_samples must be >= 1")
         self.n_samples = int(n_samples)
@@ -165,6 +169,7 @@ class Symmetrize(nn.Module):
         if residual is not None and not callable(residual):
             raise TypeError(f"residual must be a callable of the inputs dict, got {type(residual).__name__}")
         self.residual = residual
+        self.check_finite = bool(check_finite)
 
     @property
     def output_kinds(self) -> Union[str, Dict[str, str]]:
@@ -175,7 +180,6 @@ class Symmetrize(nn.Module):
         if isinstance(self.output, str) and residual_kind == "position" and self.output == "vector":
             return "position"
         return self.output
-        self.check_finite = bool(check_finite)
 
     def extra_repr(self) -> str:
         return (f"group={self.group!r}, n_samples={self.n_samples}, eval_n_samples={self.eval_n_samples}, "
@@ -241,7 +245,9 @@ class Symmetrize(nn.Module):
             sizes = {int(value.shape[1]) for value in noise.values()}
             if len(sizes) != 1:
                 raise ValueError(f"all noise tensors must share the sample dim k (dim 1), got {sorted(sizes)}")
-            return self.distribution.num_samples(sizes.pop())
+            k = self.distribution.num_samples(sizes.pop())
+            self.distribution.check_noise(batch, noise, k)
+            return k
         return self.num_samples(n_samples)
 
     # -- forward -------------------------------------------------------------------------------

@@ -287,3 +287,61 @@ def test_concentration_reads_a_model_sample():
     sample, _ = model.sample(particle_inputs())
     values = concentration(sample)
     assert set(values) == {"permutation", "rotation"} and all(0 < v <= 1 for v in values.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness of the learned distributions
+
+
+def test_noise_drawn_inside_forward_compiles_across_input_sizes():
+    torch.manual_seed(0)
+    model = lps_fast.Symmetrize(BB.Transformer(12, node_dim=2, d_model=16, heads=2, layers=1, output="node"), "Sn",
+                                D.Learned(node_dim=2, hidden=16), n_samples=2, output="node").eval()
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing, without a compiler's cost
+    for n in (8, 10, 12):
+        out, _ = compiled({"nodes": torch.randn(3, n, 2)})
+        assert out.shape == (3, n, 1) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("network", ["gin", "gin-bn"])
+def test_learned_on_an_empty_batch(network):
+    model = lps_fast.Symmetrize(BB.MLP(N, node_dim=2, edge_dim=1, hidden=(8,)), "Sn",
+                                D.Learned(node_dim=2, edge_dim=1, hidden=8, network=network), n_samples=2).eval()
+    out, _ = model({"nodes": torch.zeros(0, N, 2), "edges": torch.zeros(0, N, N)})
+    assert out.shape == (0, 1)
+
+
+@pytest.mark.parametrize("network", ["vn", "vn-dgcnn"])
+@pytest.mark.parametrize("points", ["one", "zero"])
+def test_canonical_frames_of_degenerate_point_sets_stay_finite(network, points):
+    torch.manual_seed(0)
+    n = 1 if points == "one" else 4
+    inputs = {"points": torch.zeros(2, n, 3, 1) if points == "zero" else torch.randn(2, n, 3, 1)}
+    backbone = BB.MLP(4, point_channels=1, hidden=(8,), output="vector")
+    for group in ("E3", "O3"):
+        model = lps_fast.Symmetrize(backbone, group, D.Canonical(point_channels=1, hidden=12, network=network),
+                                    output="vector").eval()
+        out, _ = model(inputs)
+        assert bool(torch.isfinite(out).all())
+        if points == "zero" or group == "E3":
+            # centred, every point is 0: every rotation fixes the input, so the equivariant answer is 0
+            assert torch.allclose(out, torch.zeros_like(out))
+        # One point about the origin (O3) gives a rank-1 frame: its first axis is the point, the
+        # others come from rounding residues, so the answer is finite but not exactly equivariant.
+
+
+def test_unknown_noise_entries_are_refused():
+    model = particle_model("SnxE3")
+    inputs = particle_inputs()
+    noise = model.draw_noise(inputs)
+    noise["point"] = noise.pop("points")
+    with pytest.raises(ValueError, match=r"draws no noise \['point'\]; its noise entries: \['frame_jitter', 'points', "
+                                         r"'tie_break'\]"):
+        model(inputs, noise=noise)
+
+
+def test_one_distribution_cannot_serve_two_models():
+    distribution = D.Learned(node_dim=2, edge_dim=1, hidden=8)
+    lps_fast.Symmetrize(BB.MLP(N, node_dim=2, edge_dim=1), "Sn", distribution)
+    with pytest.raises(ValueError, match="already belongs to another Symmetrize"):
+        lps_fast.Symmetrize(BB.MLP(N, node_dim=2, edge_dim=1), "Sn", distribution)
