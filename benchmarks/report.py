@@ -87,6 +87,17 @@ def render(results: Path, device: str) -> str:
             parts.append("")
     fast = [p for p in summary.FAST_PROVIDERS if any(r["provider"] == p for r in all_rows)]
     for provider in fast:
+        lines = [list(line) for line in summary.peer_targets(all_rows, provider)]
+        if lines:
+            met = sum(line[-1].startswith("met") for line in lines)
+            parts.append(f"### Against the fastest peer ({provider}, PATTERN and EXP)\n")
+            parts.append(f"{met} of {len(lines)} (case, scale, mode) meet their target: >= "
+                         f"{summary.PEER_SPEEDUP:g}x the fastest peer, or, where the forward moves its bytes at >= "
+                         f"{summary.COPY_BOUND_FRACTION:g} of the copy bandwidth (copy-bound), >= 1x forward and >= "
+                         f"{summary.COPY_BOUND_FULL_SPEEDUP:g}x forward + backward.\n")
+            header = ["case", "scale", "mode", "best peer", f"{provider} vs best", f"{provider} fwd / copy", "verdict"]
+            parts.append(summary.markdown(header, lines, textual=4) + "\n")
+    for provider in fast:
         parts.append(f"### Targets ({provider}, issue 3)\n")
         lines = [[name, verdict, evidence] for name, verdict, evidence in summary.targets(all_rows, provider)]
         parts.append(summary.markdown(["target", "verdict", "measured"], lines, textual=3) + "\n")
