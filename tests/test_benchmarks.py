@@ -193,3 +193,26 @@ def test_plot_writes_png(quick_results, tmp_path):
     written = plot.main(["--results", str(folder), "--outdir", str(tmp_path)])
     assert {p.name for p in written} == {f"{family}-cpu.png" for family in SCRIPTS}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_training_step_benchmark_quick(tmp_path):
+    """bench_step --quick: every distribution on the fast and the reference path of the n-body
+    model, timed in alternating rounds, with a stage breakdown whose parts add up to the step."""
+    import bench_step
+
+    out = tmp_path / "step.jsonl"
+    rows = bench_step.main(["--quick", "--quiet", "--tasks", "nbody", "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert {(r["distribution"], r["path"]) for r in rows} == {
+        (d, p) for d in bench_step.DISTRIBUTIONS for p in ("fast", "reference")}
+    for row in rows:
+        assert row["status"] == "ok" and row["task"] == "nbody" and row["rounds"] == 3
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        stages = row["stages_ms"]
+        assert set(stages) == set(bench_step.STAGES) | {"total"}
+        assert all(stages[s] >= 0 for s in bench_step.STAGES if s != "other")
+        if row["distribution"] == "learned":
+            assert stages["distribution"] > 0 and stages["transform"] > 0
+    table = bench_step.format_table(rows)
+    assert "learned" in table and "backbone ms" in table
+    assert any("learned step / uniform step" in line for line in bench_step.ratios(rows))
