@@ -105,8 +105,12 @@ def fake_sinkhorn_sort(scores, tau, n_iter=20, mask=None):
     return scores.new_empty((batch, k, n, n)), scores.new_empty((batch, k, n), dtype=torch.int64)
 
 
+# Every provider returns contiguous outputs, whatever the input's strides: so do the fakes
+# (``empty_like`` would keep a transposed input's strides and fail torch.compile's stride check).
+
+
 def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
-    return torch.empty_like(scores)
+    return scores.new_empty(scores.shape)
 
 
 def fake_frame_apply_backward(grad, x, R, perm, center):
@@ -122,15 +126,15 @@ def fake_permutation_entropy(soft, mask=None):
 
 
 def fake_permutation_entropy_backward(grad, soft, mask):
-    return torch.empty_like(soft)
+    return soft.new_empty(soft.shape)
 
 
 def fake_gram_schmidt(V, proper=False):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 def fake_gram_schmidt_backward(grad, V, proper):
-    return torch.empty_like(V)
+    return V.new_empty(V.shape)
 
 
 FAKES: Dict[str, Callable] = {
