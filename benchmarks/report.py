@@ -2,11 +2,13 @@
 
     python benchmarks/report.py                          # print the latest CPU run of every family
     python benchmarks/report.py --device cuda            # the latest CUDA run
-    python benchmarks/report.py --update BENCHMARKS.md   # rewrite the generated section in place
+    python benchmarks/report.py --update BENCHMARKS.md   # rewrite the generated sections in place
 
 For each family the latest run (one ``run_id``) on the device is used, so every ratio compares
 numbers taken in the same run. The generated section sits between the markers
-``<!-- results:<device>:begin -->`` and ``<!-- results:<device>:end -->``.
+``<!-- results:<device>:begin -->`` and ``<!-- results:<device>:end -->``; the training-step
+table (``step.jsonl``, CPU) between ``<!-- results:step:begin -->`` and ``<!-- results:step:end -->``
+where the file has those markers.
 """
 
 from __future__ import annotations
@@ -104,6 +106,32 @@ def render(results: Path, device: str) -> str:
     return "\n".join(parts)
 
 
+def render_step(results: Path) -> Optional[str]:
+    """The latest full (not --quick) training-step run as markdown, or None without one."""
+    path = results / "step.jsonl"
+    if not path.exists():
+        return None
+    rows = summary.latest_run([r for r in summary.load_rows(path) if not r.get("quick")])
+    if not rows:
+        return None
+    try:
+        from . import bench_step
+    except ImportError:  # run as a script
+        import bench_step
+    first = rows[0]
+    loads = [r["load_avg_1min"] for r in rows if r.get("load_avg_1min") is not None]
+    header = (f"Run: {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), commit "
+              f"{first['commit']}, {first['timestamp']}; 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
+              f"at the start of each task.\n" if loads else "")
+    notes = [f"- {r['task']} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
+             if r.get("status") != "ok"]
+    parts = [header, bench_step.format_table(rows, markdown=True), ""]
+    parts += [f"- {line}" for line in bench_step.ratios(rows)]
+    if notes:
+        parts += [""] + notes
+    return "\n".join(parts)
+
+
 def update(path: Path, device: str, text: str) -> None:
     begin, end = f"<!-- results:{device}:begin -->", f"<!-- results:{device}:end -->"
     content = path.read_text()
@@ -123,6 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     text = render(Path(args.results), args.device)
     if args.update:
         update(Path(args.update), args.device, text)
+        step = render_step(Path(args.results)) if args.device == "cpu" else None
+        if step is not None and "<!-- results:step:begin -->" in Path(args.update).read_text():
+            update(Path(args.update), "step", step)
         print(f"updated {args.update}")
     else:
         print(text)

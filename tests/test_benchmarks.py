@@ -216,3 +216,8 @@ def test_training_step_benchmark_quick(tmp_path):
     table = bench_step.format_table(rows)
     assert "learned" in table and "backbone ms" in table
     assert any("learned step / uniform step" in line for line in bench_step.ratios(rows))
+    # report.py renders the latest full run only: quick rows are smoke tests
+    assert report.render_step(tmp_path) is None
+    out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
+    rendered = report.render_step(tmp_path)
+    assert "| nbody | learned | fast |" in rendered and "learned step / none step" in rendered

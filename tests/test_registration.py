@@ -38,6 +38,9 @@ def _inputs():
             center.detach()),
         "frame_unapply_mean_backward": (
             torch.randn(B, N, 3, 2, dtype=f64), torch.randn(B, K, N, 3, 2, dtype=f64), R.detach(), perm),
+        "permute_nodes_backward": (torch.randn(B, K, N, 4, dtype=f64), perm),
+        "permute_edges_backward": (torch.randn(B, K, N, N, 2, dtype=f64), perm),
+        "unpermute_mean_backward": (torch.randn(B, N, 4, dtype=f64), perm),
     }
 
 
