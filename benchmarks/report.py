@@ -107,26 +107,32 @@ def render(results: Path, device: str) -> str:
 
 
 def render_step(results: Path) -> Optional[str]:
-    """The latest full (not --quick) training-step run as markdown, or None without one."""
+    """The latest full (not --quick) training-step run of each task as markdown, or None."""
     path = results / "step.jsonl"
     if not path.exists():
         return None
-    rows = summary.latest_run([r for r in summary.load_rows(path) if not r.get("quick")])
+    full = [r for r in summary.load_rows(path) if not r.get("quick")]
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in full):
+        rows += summary.latest_run([r for r in full if r["task"] == task])
     if not rows:
         return None
     try:
         from . import bench_step
     except ImportError:  # run as a script
         import bench_step
-    first = rows[0]
-    loads = [r["load_avg_1min"] for r in rows if r.get("load_avg_1min") is not None]
-    header = (f"Run: {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), commit "
-              f"{first['commit']}, {first['timestamp']}; 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
-              f"at the start of each task.\n" if loads else "")
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        task_rows = [r for r in rows if r["task"] == task]
+        first = task_rows[0]
+        loads = [r["load_avg_1min"] for r in task_rows if r.get("load_avg_1min") is not None]
+        parts.append(f"Run ({task}): {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), "
+                     f"commit {first['commit']}, {first['timestamp']}, {first.get('rounds', '?')} rounds"
+                     + (f"; 1-minute load average {loads[0]:.1f} at its start." if loads else "."))
+    parts += ["", bench_step.format_table(rows, markdown=True), ""]
+    parts += [f"- {line}" for line in bench_step.ratios(rows)]
     notes = [f"- {r['task']} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
              if r.get("status") != "ok"]
-    parts = [header, bench_step.format_table(rows, markdown=True), ""]
-    parts += [f"- {line}" for line in bench_step.ratios(rows)]
     if notes:
         parts += [""] + notes
     return "\n".join(parts)
