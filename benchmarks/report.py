@@ -72,7 +72,7 @@ def render(results: Path, device: str) -> str:
             parts.append(f"**{scale}** ({'; '.join(described)})\n")
             header, lines = summary.table(scale_rows, with_scale=False)
             parts.append(summary.markdown(header, lines, textual=2) + "\n")
-        if family == "sinkhorn":
+        if family == "sinkhorn" and any(r.get("peak_MB") is not None for r in rows):
             header, lines = summary.memory_table(rows)
             parts.append("Memory (peak MB: allocation peak above the start of the call; saved MB: what autograd "
                          "keeps for the backward pass beyond inputs and outputs):\n")
@@ -129,7 +129,8 @@ def render_step(results: Path) -> Optional[str]:
         parts.append(f"Run ({task}): {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), "
                      f"commit {first['commit']}, {first['timestamp']}, {first.get('rounds', '?')} rounds"
                      + (f"; 1-minute load average {loads[0]:.1f} at its start." if loads else "."))
-    parts += ["", bench_step.format_table(rows, markdown=True), ""]
+        parts.append("")
+    parts += [bench_step.format_table(rows, markdown=True), ""]
     parts += [f"- {line}" for line in bench_step.ratios(rows)]
     notes = [f"- {r['task']} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
              if r.get("status") != "ok"]
