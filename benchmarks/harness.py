@@ -6,8 +6,9 @@ a scale and an input builder) and calls :func:`main`. For each case the harness
 
 1. builds the inputs once (seeded) and runs the reference once, forward and backward, with a fixed
    upstream gradient;
-2. for each provider (``reference``, ``reference+compile``, ``cpp``, ``triton``, ``cuda``: those
-   available for the device), runs the op on the same inputs and compares the output and every
+2. for each provider (``reference``, ``reference+compile``, ``gather``, ``gather+compile`` (the
+   hand-written natural formulation of ``peers.py``, eager and compiled), ``cpp``, ``triton``,
+   ``cuda``: those available for the device), runs the op on the same inputs and compares the output and every
    gradient with the reference; a provider that disagrees is recorded as ``mismatch`` and never
    timed ("a speedup is never reported on a red gate");
 3. times each mode (``fwd``: forward under ``no_grad``; ``bwd``: ``autograd.grad(...,
@@ -48,8 +49,9 @@ import lps_fast
 from lps_fast import _backend
 
 try:
-    from . import summary
+    from . import peers, summary
 except ImportError:  # run as a script
+    import peers
     import summary
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -480,6 +482,8 @@ def available_providers(op: str, device: torch.device) -> Dict[str, str]:
     """``{provider: reason}`` for every provider that cannot run ``op`` on ``device`` here."""
     missing = {}
     for name in PROVIDERS:
+        if name in ("gather", "gather+compile") and op not in peers.PEERS:
+            missing[name] = "no hand-written formulation of this op"
         if name in BASELINES:
             continue
         if name not in _backend.providers:
@@ -509,13 +513,18 @@ class Runner:
 
 
 def make_runner(provider: str, op: str) -> Runner:
-    if provider == "reference+compile":
-        # A fresh compilation per case, of the reference function with its input checks; static
-        # shapes, no graph break allowed. Compiled lazily by the first (untimed) call, while
-        # run_cases has donated buffers off (see there).
+    if provider in ("gather", "gather+compile"):
+        function = peers.PEERS[op]
+    else:
+        function = getattr(lps_fast.reference, op)
+    if provider in summary.COMPILED:
+        # A fresh compilation per case (of the reference function with its input checks, or of
+        # the hand-written peer); static shapes, no graph break allowed. Compiled lazily by the
+        # first (untimed) call, while run_cases has donated buffers off (see there).
         torch._dynamo.reset()
-        compiled = torch.compile(getattr(lps_fast.reference, op), fullgraph=True, dynamic=False)
-        return Runner(provider, compiled, None)
+        return Runner(provider, torch.compile(function, fullgraph=True, dynamic=False), None)
+    if provider == "gather":
+        return Runner(provider, function, None)
     # Eager providers run the public op, which validates its inputs and calls the forced provider,
     # exactly as a user's call would.
     return Runner(provider, getattr(lps_fast, op), provider)
@@ -862,7 +871,7 @@ def _run_cases(cases: Sequence[Case], settings: Settings, family: str,
                 timing = timings[provider]
                 row.update(median_ms=round(timing.median_ms, 5), p20_ms=round(timing.p20_ms, 5),
                            p80_ms=round(timing.p80_ms, 5), repeats=timing.repeats, inner=timing.inner)
-                if provider == "reference+compile":
+                if provider in summary.COMPILED:
                     first = timing.first_call_s if mode == "fwd" else max(timing.first_call_s, gate_seconds[provider])
                     row["first_call_s"] = round(first, 3)
                 gbps = None
@@ -948,7 +957,7 @@ def settings_from_args(args: argparse.Namespace, family: str, argv: Optional[Seq
             raise SystemExit(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     explicit_providers = argv is not None and any(a.startswith("--providers") for a in argv)
     if args.quick and not explicit_providers:
-        providers = [p for p in providers if p != "reference+compile"]
+        providers = [p for p in providers if p not in summary.COMPILED]
     modes = _split(args.modes)
     for m in modes:
         if m not in MODES:

@@ -2,11 +2,13 @@
 
     python benchmarks/report.py                          # print the latest CPU run of every family
     python benchmarks/report.py --device cuda            # the latest CUDA run
-    python benchmarks/report.py --update BENCHMARKS.md   # rewrite the generated section in place
+    python benchmarks/report.py --update BENCHMARKS.md   # rewrite the generated sections in place
 
 For each family the latest run (one ``run_id``) on the device is used, so every ratio compares
 numbers taken in the same run. The generated section sits between the markers
-``<!-- results:<device>:begin -->`` and ``<!-- results:<device>:end -->``.
+``<!-- results:<device>:begin -->`` and ``<!-- results:<device>:end -->``; the training-step
+table (``step.jsonl``, CPU) between ``<!-- results:step:begin -->`` and ``<!-- results:step:end -->``
+where the file has those markers.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def render(results: Path, device: str) -> str:
             parts.append(f"**{scale}** ({'; '.join(described)})\n")
             header, lines = summary.table(scale_rows, with_scale=False)
             parts.append(summary.markdown(header, lines, textual=2) + "\n")
-        if family == "sinkhorn":
+        if family == "sinkhorn" and any(r.get("peak_MB") is not None for r in rows):
             header, lines = summary.memory_table(rows)
             parts.append("Memory (peak MB: allocation peak above the start of the call; saved MB: what autograd "
                          "keeps for the backward pass beyond inputs and outputs):\n")
@@ -87,9 +89,53 @@ def render(results: Path, device: str) -> str:
             parts.append("")
     fast = [p for p in summary.FAST_PROVIDERS if any(r["provider"] == p for r in all_rows)]
     for provider in fast:
+        lines = [list(line) for line in summary.peer_targets(all_rows, provider)]
+        if lines:
+            met = sum(line[-1].startswith("met") for line in lines)
+            parts.append(f"### Against the fastest peer ({provider}, PATTERN and EXP)\n")
+            parts.append(f"{met} of {len(lines)} (case, scale, mode) meet their target: >= "
+                         f"{summary.PEER_SPEEDUP:g}x the fastest peer, or, where the forward moves its bytes at >= "
+                         f"{summary.COPY_BOUND_FRACTION:g} of the copy bandwidth (copy-bound), >= 1x forward and >= "
+                         f"{summary.COPY_BOUND_FULL_SPEEDUP:g}x forward + backward.\n")
+            header = ["case", "scale", "mode", "best peer", f"{provider} vs best", f"{provider} fwd / copy", "verdict"]
+            parts.append(summary.markdown(header, lines, textual=4) + "\n")
+    for provider in fast:
         parts.append(f"### Targets ({provider}, issue 3)\n")
         lines = [[name, verdict, evidence] for name, verdict, evidence in summary.targets(all_rows, provider)]
         parts.append(summary.markdown(["target", "verdict", "measured"], lines, textual=3) + "\n")
+    return "\n".join(parts)
+
+
+def render_step(results: Path) -> Optional[str]:
+    """The latest full (not --quick) training-step run of each task as markdown, or None."""
+    path = results / "step.jsonl"
+    if not path.exists():
+        return None
+    full = [r for r in summary.load_rows(path) if not r.get("quick")]
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in full):
+        rows += summary.latest_run([r for r in full if r["task"] == task])
+    if not rows:
+        return None
+    try:
+        from . import bench_step
+    except ImportError:  # run as a script
+        import bench_step
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        task_rows = [r for r in rows if r["task"] == task]
+        first = task_rows[0]
+        loads = [r["load_avg_1min"] for r in task_rows if r.get("load_avg_1min") is not None]
+        parts.append(f"Run ({task}): {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), "
+                     f"commit {first['commit']}, {first['timestamp']}, {first.get('rounds', '?')} rounds"
+                     + (f"; 1-minute load average {loads[0]:.1f} at its start." if loads else "."))
+        parts.append("")
+    parts += [bench_step.format_table(rows, markdown=True), ""]
+    parts += [f"- {line}" for line in bench_step.ratios(rows)]
+    notes = [f"- {r['task']} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
+             if r.get("status") != "ok"]
+    if notes:
+        parts += [""] + notes
     return "\n".join(parts)
 
 
@@ -112,6 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     text = render(Path(args.results), args.device)
     if args.update:
         update(Path(args.update), args.device, text)
+        step = render_step(Path(args.results)) if args.device == "cpu" else None
+        if step is not None and "<!-- results:step:begin -->" in Path(args.update).read_text():
+            update(Path(args.update), "step", step)
         print(f"updated {args.update}")
     else:
         print(text)

@@ -4,10 +4,13 @@
     python benchmarks/run_all.py --device cuda           # the same on a GPU (triton, cuda providers)
     python benchmarks/run_all.py --families permute,sinkhorn --scales pattern --modes full
     python benchmarks/run_all.py --quick                 # a smoke test of every script
+    python benchmarks/run_all.py --families step         # only the end-to-end training step
 
-Every other option is passed to each ``bench_<family>.py`` (see ``--help`` of any of them).
-Results are appended to ``benchmarks/results/<family>.jsonl``; ``benchmarks/report.py`` turns
-them into the tables of BENCHMARKS.md and ``benchmarks/plot.py`` into charts.
+Every other option is passed to each op family's ``bench_<family>.py`` (see ``--help`` of any of
+them); the training-step benchmark (``step``, ``bench_step.py``, CPU only, run last) takes
+``--quick``, ``--threads`` and ``--raw-malloc`` from them and its own defaults otherwise. Results
+are appended to ``benchmarks/results/<family>.jsonl``; ``benchmarks/report.py`` turns them into the
+tables of BENCHMARKS.md and ``benchmarks/plot.py`` into charts.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 try:
-    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, harness, summary
+    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, bench_step, harness, summary
 except ImportError:  # run as a script
     import bench_frame
     import bench_gram_schmidt
     import bench_permute
     import bench_sinkhorn
+    import bench_step
     import harness
     import summary
 
@@ -34,11 +38,13 @@ FAMILIES = {
     "sinkhorn": bench_sinkhorn,
     "gram_schmidt": bench_gram_schmidt,
 }
+STEP = "step"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
+    names = list(FAMILIES) + [STEP]
+    parser.add_argument("--families", default=",".join(names), help="comma list of " + ", ".join(names))
     parser.add_argument("--results", default=None,
                         help="folder for the <family>.jsonl files (default benchmarks/results; none with --quick)")
     args, rest = parser.parse_known_args(argv)
@@ -46,8 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         raise SystemExit("run_all.py writes one file per family: use --results FOLDER instead of --out")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for family in families:
-        if family not in FAMILIES:
-            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        if family not in names:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(names)}")
     rest = list(rest)
     # the memcpy ceiling is measured once, under the device and thread settings of the run
     peek = argparse.ArgumentParser(add_help=False)
@@ -56,8 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     peek.add_argument("--quick", action="store_true")
     peek.add_argument("--raw-malloc", action="store_true")
     known, _ = peek.parse_known_args(rest)
+    op_families = [f for f in families if f in FAMILIES]
     copy_gbps = None
-    if not known.quick:
+    if op_families and not known.quick:
         import torch
 
         if known.threads is not None:
@@ -67,15 +74,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         copy_gbps = harness.measure_copy_gbps(torch.device(known.device))
     rows: List[dict] = []
     start = time.perf_counter()
-    for family in families:
+    for family in op_families:
         module = FAMILIES[family]
         family_start = time.perf_counter()
         out = [] if args.results is None else ["--out", str(Path(args.results) / f"{module.FAMILY}.jsonl")]
         rows += harness.main(module.FAMILY, module.__doc__.splitlines()[0], module.build_cases, rest + out,
                              copy_gbps=copy_gbps)
         print(f"{family}: {time.perf_counter() - family_start:.0f} s\n", flush=True)
-    print(f"\nall families ({time.perf_counter() - start:.0f} s); medians in ms, speedup = time(baseline) / time(fast)")
-    print(summary.format_table(rows))
+    if op_families:
+        print(f"\nall op families ({time.perf_counter() - start:.0f} s); medians in ms, "
+              "speedup = time(baseline) / time(fast)")
+        print(summary.format_table(rows))
+    if STEP in families and known.device == "cpu":
+        step_args = ["--quick"] if known.quick else []
+        step_args += [] if known.threads is None else ["--threads", str(known.threads)]
+        step_args += ["--raw-malloc"] if known.raw_malloc else []
+        step_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_step.FAMILY}.jsonl")]
+        rows += bench_step.main(step_args)
+    elif STEP in families:
+        print(f"step: the training-step benchmark runs on the CPU only; skipped for --device {known.device}")
     return rows
 
 

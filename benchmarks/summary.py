@@ -11,12 +11,16 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-PROVIDERS = ("reference", "reference+compile", "cpp", "triton", "cuda")
+PROVIDERS = ("reference", "reference+compile", "gather", "gather+compile", "cpp", "triton", "cuda")
 FAST_PROVIDERS = ("cpp", "triton", "cuda")
-BASELINES = ("reference", "reference+compile")
+# The peers every fast provider is compared with: the dense reference and the hand-written natural
+# formulation (benchmarks/peers.py), each eager and under torch.compile.
+BASELINES = ("reference", "reference+compile", "gather", "gather+compile")
+COMPILED = ("reference+compile", "gather+compile")
 MODES = ("fwd", "bwd", "full")
 SCALES = ("PATTERN", "EXP", "n-body", "large", "quick")
-SHORT = {"reference": "ref", "reference+compile": "ref+c", "cpp": "cpp", "triton": "triton", "cuda": "cuda"}
+SHORT = {"reference": "ref", "reference+compile": "ref+c", "gather": "gat", "gather+compile": "gat+c", "cpp": "cpp",
+         "triton": "triton", "cuda": "cuda"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,18 +120,40 @@ def providers_in(rows: Sequence[dict]) -> List[str]:
     return [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
 
 
+def best_peer(entry: Dict[str, dict]) -> Tuple[Optional[str], Optional[float]]:
+    """The fastest peer (``BASELINES``) that passed the gate: ``(provider, median ms)``."""
+    timed = [(median(entry, p), p) for p in BASELINES if median(entry, p) is not None]
+    if not timed:
+        return None, None
+    value, provider = min(timed)
+    return provider, value
+
+
+def copy_fraction(row: Optional[dict]) -> Optional[float]:
+    """GB/s of a forward row as a fraction of the run's measured copy bandwidth."""
+    if not row or row.get("status") != "ok" or not row.get("gbps") or not row.get("copy_gbps"):
+        return None
+    return row["gbps"] / row["copy_gbps"]
+
+
 def table(rows: Sequence[dict], with_scale: bool = True, with_gbps: bool = True) -> Tuple[List[str], List[List[str]]]:
-    """Header and lines: medians per provider, then each fast provider's speedup over each
-    baseline, then the fast providers' GB/s (forward only)."""
+    """Header and lines: medians per provider; then for each fast provider its speedup over the
+    reference, over the fastest peer of the case (named in the next column), and, forward only,
+    its GB/s and that as a fraction of the copy bandwidth."""
     providers = providers_in(rows)
     fast = [p for p in providers if p in FAST_PROVIDERS]
-    baselines = [b for b in BASELINES if b in providers]
+    peers = [b for b in BASELINES if b in providers]
     header = ["case"] + (["scale"] if with_scale else []) + ["mode"]
     header += [f"{SHORT[p]} ms" for p in providers]
-    header += [f"{SHORT[p]} vs {SHORT[b]}" for p in fast for b in baselines]
+    for p in fast:
+        if "reference" in peers:
+            header.append(f"{SHORT[p]} vs ref")
+        if peers:
+            header += [f"{SHORT[p]} vs best", "best"]
     show_gbps = with_gbps and any(r.get("gbps") for r in rows if r["provider"] in fast)
     if show_gbps:
-        header += [f"{SHORT[p]} GB/s" for p in fast]
+        for p in fast:
+            header += [f"{SHORT[p]} GB/s", f"{SHORT[p]} / copy"]
     grouped = group(rows)
     lines = []
     for key in key_order(rows):
@@ -135,12 +161,21 @@ def table(rows: Sequence[dict], with_scale: bool = True, with_gbps: bool = True)
         entry = grouped[key]
         line = [case] + ([scale] if with_scale else []) + [mode]
         line += [_cell(entry, p) for p in providers]
-        line += [fmt_ratio(ratio(entry, p, b)) for p in fast for b in baselines]
+        best, best_ms = best_peer(entry)
+        for p in fast:
+            if "reference" in peers:
+                line.append(fmt_ratio(ratio(entry, p, "reference")))
+            if peers:
+                mine = median(entry, p)
+                line.append(fmt_ratio(best_ms / mine if best_ms and mine else None))
+                line.append(SHORT[best] if best else "-")
         if show_gbps:
             for p in fast:
                 row = entry.get(p)
                 gbps = row.get("gbps") if row and row.get("status") == "ok" else None
+                fraction = copy_fraction(row)
                 line.append("-" if gbps is None else f"{gbps:.1f}")
+                line.append("-" if fraction is None else f"{fraction:.2f}")
         lines.append(line)
     return header, lines
 
@@ -310,3 +345,41 @@ def targets(rows: Sequence[dict], fast: str = "cpp") -> List[Tuple[str, str, str
     else:
         results.append(("no op slower than torch.compile(reference)", "not measured", "no reference+compile rows"))
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets against the fastest peer (PATTERN and EXP scales, forward and forward + backward)
+
+PEER_SPEEDUP = 1.5
+# A memory-bound op whose forward already moves its bytes at this fraction of the copy bandwidth
+# cannot be 1.5x faster than a peer that does the same; it must then not be slower (forward), be
+# COPY_BOUND_FULL_SPEEDUP faster forward + backward (its backward is a reduction with room left).
+COPY_BOUND_FRACTION = 0.8
+COPY_BOUND_FULL_SPEEDUP = 1.2
+
+
+def peer_targets(rows: Sequence[dict], fast: str = "cpp", scales: Sequence[str] = ("PATTERN", "EXP"),
+                 modes: Sequence[str] = ("fwd", "full")) -> List[Tuple[str, str, str, str, str, str, str]]:
+    """``(case, scale, mode, best peer, speedup, copy fraction, verdict)`` for every measured
+    (case, scale, mode): ``>= 1.5x`` the fastest peer, or, where the forward runs at >= 0.8 of
+    the copy bandwidth, ``>= 1x`` forward and ``>= 1.2x`` forward + backward."""
+    grouped = group(rows)
+    out = []
+    for case, scale, mode in key_order(rows):
+        if scale not in scales or mode not in modes:
+            continue
+        entry = grouped[(case, scale, mode)]
+        mine = median(entry, fast)
+        best, best_ms = best_peer(entry)
+        if mine is None or best is None:
+            status = (entry.get(fast) or {}).get("status", "absent")
+            out.append((case, scale, mode, SHORT.get(best, "-") if best else "-", "-", "-", f"not measured ({status})"))
+            continue
+        speedup = best_ms / mine
+        fraction = copy_fraction(grouped.get((case, scale, "fwd"), {}).get(fast))
+        copy_bound = fraction is not None and fraction >= COPY_BOUND_FRACTION
+        needed = (1.0 if mode == "fwd" else COPY_BOUND_FULL_SPEEDUP) if copy_bound else PEER_SPEEDUP
+        verdict = ("met" if speedup >= needed else "not met") + f" (>= {needed:g}x{', copy-bound' if copy_bound else ''})"
+        out.append((case, scale, mode, SHORT[best], fmt_ratio(speedup),
+                    "-" if fraction is None else f"{fraction:.2f}", verdict))
+    return out

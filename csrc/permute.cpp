@@ -31,9 +31,31 @@ at::Tensor unpermute_edges_mean_cpu(const at::Tensor& y, const at::Tensor& perm,
   return cpu::unpermute_edges_mean(y.contiguous(), perm.contiguous(), diagonal);
 }
 
+// The backward kernels get the upstream gradient of the op's output: (B, k, n, *F) samples for the
+// gathers' sums, (B, n, *F) for unpermute_mean's scaled gather.
+at::Tensor permute_nodes_backward_cpu(const at::Tensor& grad, const at::Tensor& perm) {
+  check_unpermute_args(grad, perm, c10::nullopt, /*edges=*/false);
+  return cpu::permute_nodes_backward(grad.contiguous(), perm.contiguous());
+}
+
+at::Tensor permute_edges_backward_cpu(const at::Tensor& grad, const at::Tensor& perm) {
+  check_unpermute_args(grad, perm, c10::nullopt, /*edges=*/true);
+  return cpu::permute_edges_backward(grad.contiguous(), perm.contiguous());
+}
+
+at::Tensor unpermute_mean_backward_cpu(const at::Tensor& grad, const at::Tensor& perm) {
+  check_permute_nodes_args(grad, perm, c10::nullopt);
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "grad must be a floating-point tensor, got ",
+                   grad.scalar_type());
+  return cpu::unpermute_mean_backward(grad.contiguous(), perm.contiguous());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lps_fast, CPU, m) {
+  m.impl("permute_nodes_backward", &permute_nodes_backward_cpu);
+  m.impl("permute_edges_backward", &permute_edges_backward_cpu);
+  m.impl("unpermute_mean_backward", &unpermute_mean_backward_cpu);
   m.impl("permute_nodes", &permute_nodes_cpu);
   m.impl("permute_edges", &permute_edges_cpu);
   m.impl("unpermute_mean", &unpermute_mean_cpu);

@@ -14,7 +14,7 @@ _registry.initialize()
 
 from . import reference  # noqa: E402
 from ._backend import set_backend, use_backend  # noqa: E402
-from ._checks import check_perm_values, set_perm_check  # noqa: E402
+from ._checks import check_perm_values, set_perm_check, set_validation, validation  # noqa: E402
 from ._registry import backend_info, format_backend_info  # noqa: E402
 from .ops import (  # noqa: E402
     frame_apply,
@@ -45,6 +45,8 @@ __all__ = [
     "use_backend",
     "set_perm_check",
     "check_perm_values",
+    "set_validation",
+    "validation",
 ]
 
 # The model level: groups, distributions over group elements, backbones and the symmetrizer.

@@ -12,6 +12,13 @@ on meta or fake tensors (shape propagation, tracing), which hold no values:
   tensors, where a check would force a host-device synchronisation;
 * ``always``: check on every device (synchronises on GPU; for debugging);
 * ``never``: skip the Python check (the C++ kernels still refuse out-of-range indices).
+
+Trusted inputs: ``set_validation(False)``, the context manager ``validation(False)`` or the
+environment variable ``LPS_FAST_VALIDATE=0`` turn the per-call checks of the permutation and
+frame ops off: no value check at all, and no Python shape checks where the kernel checks its
+arguments itself (the compiled C++ ops, whose errors are then the kernel's). Validation is on by
+default. The model's group transforms run their ops this way, since their permutations and
+rotations come from the distribution and their inputs were checked once by the group.
 """
 
 from __future__ import annotations
@@ -38,8 +45,13 @@ def _perm_policy_from_env() -> str:
     return value
 
 
+def _validation_from_env() -> bool:
+    return os.environ.get("LPS_FAST_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class _CheckConfig:
     perm_policy: str = _perm_policy_from_env()
+    validate: bool = _validation_from_env()
 
 
 config = _CheckConfig()
@@ -50,6 +62,33 @@ def set_perm_check(policy: str) -> None:
     if policy not in _PERM_POLICIES:
         raise ValueError(f"policy must be one of {_PERM_POLICIES}, got {policy!r}")
     config.perm_policy = policy
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the per-call input checks of the permutation and frame ops on (default) or off."""
+    config.validate = bool(enabled)
+
+
+class validation:
+    """``with lps_fast.validation(False): ...`` runs the block without the per-call checks (see
+    the module docstring) and restores the previous setting on exit."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        self.previous = config.validate
+
+    def __enter__(self) -> "validation":
+        self.previous, config.validate = config.validate, self.enabled
+        return self
+
+    def __exit__(self, *exc) -> None:
+        config.validate = self.previous
+
+
+def checks_skipped(kernel_checks_arguments: bool) -> bool:
+    """Whether a public op may skip its Python checks: validation is off and the kernel checks
+    shapes and values itself."""
+    return kernel_checks_arguments and not config.validate
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -135,7 +174,7 @@ def _has_values(t: torch.Tensor) -> bool:
 
 def _should_check_values(perm: torch.Tensor, values_checked_by_kernel: bool) -> bool:
     policy = config.perm_policy
-    if policy == "never" or perm.numel() == 0 or _is_compiling() or not _has_values(perm):
+    if policy == "never" or not config.validate or perm.numel() == 0 or _is_compiling() or not _has_values(perm):
         return False
     if policy == "always":
         return True

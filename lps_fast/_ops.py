@@ -47,6 +47,9 @@ BACKWARD_SCHEMAS: Dict[str, str] = {
 # Fused backward kernels of the compiled CPU provider alone; other providers compose the same
 # gradients from their forward kernels.
 CPU_BACKWARD_SCHEMAS: Dict[str, str] = {
+    "permute_nodes_backward": "(Tensor grad, Tensor perm) -> Tensor",
+    "permute_edges_backward": "(Tensor grad, Tensor perm) -> Tensor",
+    "unpermute_mean_backward": "(Tensor grad, Tensor perm) -> Tensor",
     "frame_apply_backward": "(Tensor grad, Tensor x, Tensor R, Tensor? perm, Tensor? center) -> (Tensor, Tensor)",
     "frame_unapply_mean_backward": "(Tensor grad, Tensor y, Tensor R, Tensor? perm) -> (Tensor, Tensor)",
 }
@@ -108,8 +111,23 @@ def fake_sinkhorn_sort(scores, tau, n_iter=20, mask=None):
     return scores.new_empty((batch, k, n, n)), scores.new_empty((batch, k, n), dtype=torch.int64)
 
 
+# Every provider returns contiguous outputs, whatever the input's strides: so do the fakes
+# (``empty_like`` would keep a transposed input's strides and fail torch.compile's stride check).
+
+
 def fake_sinkhorn_sort_backward(grad_soft, scores, tau, n_iter, mask):
     return scores.new_empty(scores.shape)
+
+
+def fake_permute_nodes_backward(grad, perm):
+    return grad.new_empty((grad.shape[0], *grad.shape[2:]))
+
+
+fake_permute_edges_backward = fake_permute_nodes_backward
+
+
+def fake_unpermute_mean_backward(grad, perm):
+    return grad.new_empty((grad.shape[0], perm.shape[1], *grad.shape[1:]))
 
 
 def fake_frame_apply_backward(grad, x, R, perm, center):
@@ -224,8 +242,10 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
 
 
-def _fused_frame_backward(ops: "OpSet", grad: torch.Tensor) -> bool:
-    """Whether the frame backward passes run as one fused kernel (the compiled CPU provider)."""
+def _fused_cpu_backward(ops: "OpSet", grad: torch.Tensor) -> bool:
+    """Whether a backward pass runs as its own fused kernel (the compiled CPU provider): the
+    frame gradients, the gathers' sums over the samples without a 1/k and a k, and
+    unpermute_mean's gather with the 1/k folded in."""
     return ops.suffix == "" and grad.device.type == "cpu"
 
 
@@ -285,7 +305,10 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs = _needs_grad(ctx, 3)
         grad_x = grad_soft = None
         if needs[0]:
-            grad_x = ops.unpermute_mean(grad, perm, None) * ctx.k
+            if _fused_cpu_backward(ops, grad):
+                grad_x = ops.permute_nodes_backward(grad, perm)
+            else:
+                grad_x = ops.unpermute_mean(grad, perm, None) * ctx.k
         if needs[2]:
             grad_soft = _node_soft_grad(x, grad).to(ctx.soft_dtype)
         return grad_x, None, grad_soft
@@ -304,7 +327,10 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs = _needs_grad(ctx, 3)
         grad_y = grad_soft = None
         if needs[0]:
-            grad_y = ops.permute_nodes(grad / ctx.k, perm, None)
+            if _fused_cpu_backward(ops, grad):
+                grad_y = ops.unpermute_mean_backward(grad, perm)
+            else:
+                grad_y = ops.permute_nodes(grad / ctx.k, perm, None)
         if needs[2]:
             grad_soft = _node_soft_grad(grad / ctx.k, y).to(ctx.soft_dtype)
         return grad_y, None, grad_soft
@@ -323,7 +349,10 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs = _needs_grad(ctx, 3)
         grad_e = grad_soft = None
         if needs[0]:
-            grad_e = ops.unpermute_edges_mean(grad, perm, None, False) * ctx.k
+            if _fused_cpu_backward(ops, grad):
+                grad_e = ops.permute_edges_backward(grad, perm)
+            else:
+                grad_e = ops.unpermute_edges_mean(grad, perm, None, False) * ctx.k
         if needs[2]:
             grad_soft = _edge_soft_grad(ops, e, grad, perm).to(ctx.soft_dtype)
         return grad_e, None, grad_soft
@@ -376,7 +405,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs_x, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_x = grad_R = grad_center = grad_soft = None
         summed = None  # sum over the samples of each node's gradient
-        if (needs_x or needs_center or needs_R) and _fused_frame_backward(ops, grad):
+        if (needs_x or needs_center or needs_R) and _fused_cpu_backward(ops, grad):
             summed, grad_R = ops.frame_apply_backward(grad, x, R, perm, center)
             grad_R = grad_R if needs_R else None
         elif needs_x or needs_center:
@@ -415,7 +444,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
         needs_y, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_y = grad_R = grad_center = grad_soft = None
         scaled = grad / ctx.k
-        if (needs_y or needs_R) and _fused_frame_backward(ops, grad):
+        if (needs_y or needs_R) and _fused_cpu_backward(ops, grad):
             grad_y, grad_R = ops.frame_unapply_mean_backward(grad, y, R, perm)
             grad_y = grad_y if needs_y else None
             grad_R = grad_R if needs_R else None

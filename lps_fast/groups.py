@@ -41,13 +41,14 @@ as ``g . x`` (``x'[perm[i]] = x[i]``, ``v' = R v + t``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
+from . import _checks, ops
 
 INPUT_KEYS = ("nodes", "edges", "points", "globals", "mask")
 OUTPUT_KINDS = ("invariant", "node", "edge", "diagonal", "vector", "position")
@@ -181,6 +182,22 @@ def masked_mean_nodes(values: torch.Tensor, mask: Optional[torch.Tensor], node_d
     weights = mask.reshape(shape).to(values.dtype)
     count = weights.sum(dim=node_dim).clamp_min(1.0)
     return (values * weights).sum(dim=node_dim) / count
+
+
+def _checked_once(method):
+    """Run a group transform with the per-op checks off (``lps_fast.validation(False)``): its
+    permutations and rotations come from the distribution, and ``Symmetrize`` checked the inputs
+    once (``check_inputs``). Ops whose kernel checks its own arguments still refuse bad shapes.
+    Under ``torch.compile`` the checks are traced away anyway and the method runs as it is."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if _checks._is_compiling():
+            return method(*args, **kwargs)
+        with _checks.validation(False):
+            return method(*args, **kwargs)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +381,7 @@ class Group:
 
     # -- g^-1 on the inputs, g on the outputs (k samples) --------------------------------------
 
+    @_checked_once
     def transform_inputs(self, sample: GroupSample, inputs: Inputs) -> Dict[str, torch.Tensor]:
         """``g_j^-1 . x`` for every sample: a dict of ``(B, k, ...)`` views plus ``mask (B, k, n)``."""
         k, perm, soft, rotation = sample.k, sample.perm, sample.soft, sample.rotation
@@ -408,6 +426,7 @@ class Group:
             return mask[:, None, :].expand(mask.shape[0], k, mask.shape[1])
         return torch.gather(mask[:, None, :].expand(perm.shape), 2, perm)
 
+    @_checked_once
     def transform_output(
         self, sample: GroupSample, y: torch.Tensor, kind: str, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:

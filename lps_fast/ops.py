@@ -2,7 +2,9 @@
 
 Each function has the signature and semantics of its reference in ``lps_fast.reference``
 (docs/SPEC.md, "Ops" and "Distribution-side ops"); ``lps_fast.backend_info()`` says which
-provider runs it.
+provider runs it. With validation off (``lps_fast.set_validation(False)``), the ops whose kernel
+checks its own arguments (the compiled C++ provider: shapes, dtypes and permutation values) skip
+the Python checks.
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ def permute_nodes(x: torch.Tensor, perm: torch.Tensor, soft: Optional[torch.Tens
     With ``soft`` (B, k, n, n), gradients reach it through the straight-through estimator.
     """
     provider = _provider("permute_nodes", _checks.device_of(x, "x"))
-    _checks.check_permute_nodes(x, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_permute_nodes(x, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["permute_nodes"](x, perm, soft)
 
 
 def permute_edges(e: torch.Tensor, perm: torch.Tensor, soft: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[b, j, r, s] = e[b, perm[r], perm[s]]``: ``(B, n, n, *F) -> (B, k, n, n, *F)`` (= ``H^T e H``)."""
     provider = _provider("permute_edges", _checks.device_of(e, "e"))
-    _checks.check_permute_edges(e, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_permute_edges(e, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["permute_edges"](e, perm, soft)
 
 
 def unpermute_mean(y: torch.Tensor, perm: torch.Tensor, soft: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[b, perm[b, j, r]] += y[b, j, r] / k``: ``(B, k, n, *F) -> (B, n, *F)`` (= mean_j ``H y``)."""
     provider = _provider("unpermute_mean", _checks.device_of(y, "y"))
-    _checks.check_unpermute_mean(y, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_unpermute_mean(y, perm, soft, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["unpermute_mean"](y, perm, soft)
 
 
@@ -48,7 +53,8 @@ def unpermute_edges_mean(
     """mean_j ``H y H^T``: ``(B, k, n, n, *F) -> (B, n, n, *F)``; with ``diagonal=True`` only its
     diagonal ``(B, n, *F)``, computed without forming the n x n result."""
     provider = _provider("unpermute_edges_mean", _checks.device_of(y, "y"))
-    _checks.check_unpermute_edges_mean(y, perm, soft, diagonal, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_unpermute_edges_mean(y, perm, soft, diagonal, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["unpermute_edges_mean"](y, perm, soft, diagonal)
 
 
@@ -61,7 +67,8 @@ def frame_apply(
 ) -> torch.Tensor:
     """``out[b, j, r, :, c] = R[b, j]^T (x[b, p(r), :, c] - center[b, :, c])``: ``(B, n, 3, C) -> (B, k, n, 3, C)``."""
     provider = _provider("frame_apply", _checks.device_of(x, "x"))
-    _checks.check_frame_apply(x, R, perm, center, soft, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_frame_apply(x, R, perm, center, soft, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["frame_apply"](x, R, perm, center, soft)
 
 
@@ -74,7 +81,8 @@ def frame_unapply_mean(
 ) -> torch.Tensor:
     """``out[b, p(r)] += R[b, j] y[b, j, r] / k``, then ``+ center``: ``(B, k, n, 3, C) -> (B, n, 3, C)``."""
     provider = _provider("frame_unapply_mean", _checks.device_of(y, "y"))
-    _checks.check_frame_unapply_mean(y, R, perm, center, soft, values_checked_by_kernel=provider.checks_perm_values)
+    if not _checks.checks_skipped(provider.checks_perm_values):
+        _checks.check_frame_unapply_mean(y, R, perm, center, soft, values_checked_by_kernel=provider.checks_perm_values)
     return provider.ops["frame_unapply_mean"](y, R, perm, center, soft)
 
 

@@ -20,6 +20,7 @@ import bench_gram_schmidt  # noqa: E402
 import bench_permute  # noqa: E402
 import bench_sinkhorn  # noqa: E402
 import harness  # noqa: E402
+import peers  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
 import summary  # noqa: E402
@@ -68,7 +69,7 @@ def test_quick_run_writes_rows(quick_results, family, capsys):
         if row["mode"] == "full":
             assert row["saved_MB"] >= 0 and row["out_MB"] > 0
     providers = {r["provider"] for r in rows}
-    assert providers == {"reference", *_fast_cpu_providers()}
+    assert providers == {"reference", "gather", *_fast_cpu_providers()}
     cases = {r["case"] for r in rows}
     for case in cases:
         assert {r["mode"] for r in rows if r["case"] == case} == set(harness.MODES)
@@ -78,6 +79,34 @@ def test_every_op_is_benchmarked(quick_results):
     _, results = quick_results
     benchmarked = {row["op"] for rows, _ in results.values() for row in rows}
     assert benchmarked == set(lps_fast._ops.OP_NAMES)
+
+
+def test_every_op_has_a_hand_written_peer():
+    assert set(peers.PEERS) == set(lps_fast._ops.OP_NAMES)
+
+
+def test_fastest_peer_and_copy_bound_targets():
+    """The speedup is taken against the fastest peer; a forward at >= 0.8 of the copy bandwidth
+    needs only >= 1x forward and >= 1.2x forward + backward."""
+    def row(provider, mode, ms, case="op", gbps=None):
+        return {"run_id": "r", "case": case, "op": case, "scale": "PATTERN", "mode": mode, "provider": provider,
+                "status": "ok", "median_ms": ms, "gbps": gbps, "copy_gbps": 20.0}
+
+    rows = [row("reference", "fwd", 10.0), row("gather+compile", "fwd", 1.0), row("gather", "fwd", 2.0),
+            row("cpp", "fwd", 0.9, gbps=18.0),
+            row("reference", "full", 10.0), row("gather+compile", "full", 2.0), row("cpp", "full", 1.8, gbps=None),
+            row("reference", "fwd", 4.0, case="slow"), row("gather", "fwd", 2.0, case="slow"),
+            row("cpp", "fwd", 1.0, case="slow", gbps=10.0)]
+    verdicts = {(case, mode): (best, speedup, verdict)
+                for case, _, mode, best, speedup, _, verdict in summary.peer_targets(rows)}
+    assert verdicts[("op", "fwd")][:2] == ("gat+c", "1.11x")
+    assert verdicts[("op", "fwd")][2].startswith("met (>= 1x, copy-bound")
+    assert verdicts[("op", "full")][2].startswith("not met (>= 1.2x, copy-bound")
+    assert verdicts[("slow", "fwd")] == ("gat", "2.00x", "met (>= 1.5x)")
+    header, lines = summary.table(rows)
+    assert "cpp vs best" in header and "cpp / copy" in header
+    first = dict(zip(header, lines[0]))
+    assert first["best"] == "gat+c" and first["cpp / copy"] == "0.90"
 
 
 def test_report_and_plot_data(quick_results):
@@ -129,7 +158,9 @@ def test_timing_statistics():
     assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
 
 
-def test_interleaved_timing_keeps_each_providers_count():
+def test_interleaved_timing_keeps_each_providers_count(monkeypatch):
+    # every sample re-warms, however long a preempted call on a loaded machine takes
+    monkeypatch.setattr(harness, "REWARM_BELOW_S", 60.0)
     calls = {"fast": 0, "slow": 0}
 
     def fast():
@@ -148,12 +179,14 @@ def test_interleaved_timing_keeps_each_providers_count():
 
 @pytest.mark.slow
 def test_compiled_reference_provider():
-    """reference+compile: compiled once outside the timed region, gated, and timed in every mode."""
-    rows = bench_gram_schmidt.main(["--quick", "--quiet", "--out", "none", "--providers", "reference,reference+compile",
-                                    "--cases", "gram_schmidt/proper"])
-    compiled = [r for r in rows if r["provider"] == "reference+compile"]
-    assert {r["mode"] for r in compiled} == set(harness.MODES)
-    assert all(r["status"] == "ok" for r in compiled), [r.get("error") for r in compiled]
+    """reference+compile and gather+compile: compiled once outside the timed region, gated, and
+    timed in every mode."""
+    rows = bench_gram_schmidt.main(["--quick", "--quiet", "--out", "none", "--providers",
+                                    "reference,reference+compile,gather+compile", "--cases", "gram_schmidt/proper"])
+    for provider in ("reference+compile", "gather+compile"):
+        compiled = [r for r in rows if r["provider"] == provider]
+        assert {r["mode"] for r in compiled} == set(harness.MODES)
+        assert all(r["status"] == "ok" for r in compiled), [r.get("error") for r in compiled]
 
 
 def test_plot_writes_png(quick_results, tmp_path):
@@ -162,3 +195,31 @@ def test_plot_writes_png(quick_results, tmp_path):
     written = plot.main(["--results", str(folder), "--outdir", str(tmp_path)])
     assert {p.name for p in written} == {f"{family}-cpu.png" for family in SCRIPTS}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_training_step_benchmark_quick(tmp_path):
+    """bench_step --quick: every distribution on the fast and the reference path of the n-body
+    model, timed in alternating rounds, with a stage breakdown whose parts add up to the step."""
+    import bench_step
+
+    out = tmp_path / "step.jsonl"
+    rows = bench_step.main(["--quick", "--quiet", "--tasks", "nbody", "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert {(r["distribution"], r["path"]) for r in rows} == {
+        (d, p) for d in bench_step.DISTRIBUTIONS for p in ("fast", "reference")}
+    for row in rows:
+        assert row["status"] == "ok" and row["task"] == "nbody" and row["rounds"] == 3
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        stages = row["stages_ms"]
+        assert set(stages) == set(bench_step.STAGES) | {"total"}
+        assert all(stages[s] >= 0 for s in bench_step.STAGES if s != "other")
+        if row["distribution"] == "learned":
+            assert stages["distribution"] > 0 and stages["transform"] > 0
+    table = bench_step.format_table(rows)
+    assert "learned" in table and "backbone ms" in table
+    assert any("learned step / uniform step" in line for line in bench_step.ratios(rows))
+    # report.py renders the latest full run only: quick rows are smoke tests
+    assert report.render_step(tmp_path) is None
+    out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
+    rendered = report.render_step(tmp_path)
+    assert "| nbody | learned | fast |" in rendered and "learned step / none step" in rendered

@@ -38,6 +38,9 @@ def _inputs():
             center.detach()),
         "frame_unapply_mean_backward": (
             torch.randn(B, N, 3, 2, dtype=f64), torch.randn(B, K, N, 3, 2, dtype=f64), R.detach(), perm),
+        "permute_nodes_backward": (torch.randn(B, K, N, 4, dtype=f64), perm),
+        "permute_edges_backward": (torch.randn(B, K, N, N, 2, dtype=f64), perm),
+        "unpermute_mean_backward": (torch.randn(B, N, 4, dtype=f64), perm),
     }
 
 
@@ -110,3 +113,13 @@ def test_compile_fullgraph(compiler):
     assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     for a, e in zip(compiled_inputs, eager_inputs):
         assert_close(a.grad, e.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_fake_kernels_match_on_non_contiguous_inputs():
+    """The kernels return contiguous outputs for a transposed input; so must the fake kernels, or
+    torch.compile's stride check fails (the frame network transposes its vectors before
+    gram_schmidt)."""
+    V = torch.randn(3, 2, 3, 3, dtype=torch.float64).transpose(-1, -2).requires_grad_()
+    soft = torch.rand(2, 3, 4, 4, dtype=torch.float64).softmax(-1).transpose(-1, -2).requires_grad_()
+    torch.library.opcheck(torch.ops.lps_fast.gram_schmidt.default, (V, True))
+    torch.library.opcheck(torch.ops.lps_fast.permutation_entropy.default, (soft, None))

@@ -105,3 +105,54 @@ def test_perm_check_policy_switch():
         lps_fast.set_perm_check("auto")
     with pytest.raises(ValueError):
         lps_fast.set_perm_check("sometimes")
+
+
+def test_validation_is_on_by_default_and_bad_input_raises():
+    assert lps_fast._checks.config.validate
+    bad = torch.zeros(B, K, N, dtype=torch.long)
+    with pytest.raises(ValueError, match="must hold a permutation"):
+        ref.permute_nodes(X, bad)
+    with pytest.raises(ValueError, match="perm"):
+        lps_fast.permute_nodes(X, bad)
+    with pytest.raises(ValueError, match="x must have shape"):
+        lps_fast.permute_nodes(X[0, 0], PERM)
+
+
+def test_validation_switch_skips_checks_for_trusted_inputs(monkeypatch):
+    """validation(False): no value check (a repeated index gathers), the previous setting comes
+    back on exit; the compiled kernels still refuse a bad perm and bad shapes themselves."""
+    bad = torch.zeros(B, K, N, dtype=torch.long)
+    with lps_fast.validation(False):
+        assert not lps_fast._checks.config.validate
+        out = ref.permute_nodes(X, bad)
+        assert torch.equal(out, X[:, None, :1].expand_as(out))
+        if "permute_nodes" in lps_fast._backend.providers.get("cpp", lps_fast._backend.Provider("x", ())).ops:
+            with lps_fast.use_backend("cpp"):
+                with pytest.raises((ValueError, RuntimeError), match="perm"):
+                    lps_fast.permute_nodes(X, bad)
+                with pytest.raises((ValueError, RuntimeError), match="x must have shape"):
+                    lps_fast.permute_nodes(X[0, 0], PERM)
+    assert lps_fast._checks.config.validate
+    lps_fast.set_validation(False)
+    try:
+        ref.permute_nodes(X, bad)
+    finally:
+        lps_fast.set_validation(True)
+    for value, expected in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv("LPS_FAST_VALIDATE", value)
+        assert lps_fast._checks._validation_from_env() is expected
+
+
+def test_group_transforms_skip_the_per_op_checks(monkeypatch):
+    """Symmetrize checks its inputs once; the ops inside the group transforms do not check again."""
+    calls = []
+    original = lps_fast._checks.check_perm_values
+    monkeypatch.setattr(lps_fast._checks, "check_perm_values", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = lps_fast.Symmetrize(lps_fast.backbones.MLP(max_nodes=N, node_dim=X.shape[-1], edge_dim=0, hidden=(8,),
+                                                       out_dim=1),
+                                "Sn", lps_fast.distributions.create("uniform"), n_samples=K, output="invariant",
+                                backend="reference")
+    model({"nodes": X})
+    assert calls == []
+    ref.permute_nodes(X, PERM)
+    assert calls == [1]

@@ -35,7 +35,11 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
-// A block of BYTES bytes copied by value; BYTES = 0 means "size known at run time" (memcpy).
+// A block of BYTES bytes copied by value; BYTES = 0 means "size known at run time" (memcpy),
+// BYTES = kWholeLines a run-time multiple of 64 bytes, copied as 64-byte blocks (vector moves
+// without memcpy's call and size dispatch, which cost as much as a 256-byte row's copy).
+constexpr int kWholeLines = -64;
+
 template <int BYTES>
 struct Block {
   unsigned char bytes[BYTES];
@@ -45,6 +49,8 @@ template <int BYTES>
 inline void copy_block(const unsigned char* from, unsigned char* to, int64_t bytes) {
   if constexpr (BYTES == 0) {
     std::memcpy(to, from, bytes);
+  } else if constexpr (BYTES == kWholeLines) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) copy_block<64>(from + offset, to + offset, 64);
   } else {
     Block<BYTES> block;
     std::memcpy(&block, from, BYTES);  // fixed size: compiles to register moves
@@ -112,10 +118,11 @@ void gather_edges(const unsigned char* e, const int64_t* perm, unsigned char* ou
 }
 
 // Runs the statement with the constexpr int BYTES set to the block size when it is a power of
-// two up to 64, else 0 (memcpy). (A macro rather than a templated lambda: the extension also
-// builds as C++17.)
+// two up to 64, kWholeLines for other multiples of 64, else 0 (memcpy). (A macro rather than a
+// templated lambda: the extension also builds as C++17.)
 #define LPS_FAST_DISPATCH_BLOCK_SIZE(bytes, BYTES, ...)          \
-  switch (bytes) {                                               \
+  switch ((bytes) > 64 && (bytes) % 64 == 0 ? -64 : (bytes)) {   \
+    case -64: { constexpr int BYTES = kWholeLines; __VA_ARGS__; break; } \
     case 1: { constexpr int BYTES = 1; __VA_ARGS__; break; }     \
     case 2: { constexpr int BYTES = 2; __VA_ARGS__; break; }     \
     case 4: { constexpr int BYTES = 4; __VA_ARGS__; break; }     \
@@ -138,13 +145,14 @@ void gather_edges(const unsigned char* e, const int64_t* perm, unsigned char* ou
     default: { constexpr int F = 0; __VA_ARGS__; break; }      \
   }
 
-// out[b, i] = sum_j y[b, j, q_j(i)] / k, rows of F (or `features`) elements
+// out[b, i] = sum_j y[b, j, q_j(i)] / divisor (k for the mean, 1 for the sum that is the
+// gather's gradient), rows of F (or `features`) elements
 template <int F, typename scalar_t>
 void scatter_mean_nodes(const scalar_t* y, const int64_t* position, scalar_t* out, int64_t batch, int64_t k,
-                        int64_t n, int64_t runtime_features) {
+                        int64_t n, int64_t runtime_features, int64_t divisor) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t features = F > 0 ? F : runtime_features;
-  const acc_t samples = static_cast<acc_t>(k);
+  const acc_t samples = static_cast<acc_t>(divisor);
   at::parallel_for(0, batch * n, grain_for(k * features), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(features);
     for_each_node_row(begin, end, n, [&](int64_t row, int64_t b, int64_t i) {
@@ -175,16 +183,16 @@ __attribute__((noinline)) void accumulate_scattered_row(const scalar_t* __restri
   }
 }
 
-// out[b, i, p(s)] = sum_j y[b, j, q(i), s] / k (one output row (b, i) per item); DIAGONAL:
-// out[b, i] = sum_j y[b, j, q(i), q(i)] / k
+// out[b, i, p(s)] = sum_j y[b, j, q(i), s] / divisor (one output row (b, i) per item); DIAGONAL:
+// out[b, i] = sum_j y[b, j, q(i), q(i)] / divisor
 template <int F, bool DIAGONAL, typename scalar_t>
 void scatter_mean_edges(const scalar_t* y, const int64_t* perm, const int64_t* position, scalar_t* out,
-                        int64_t batch, int64_t k, int64_t n, int64_t runtime_features) {
+                        int64_t batch, int64_t k, int64_t n, int64_t runtime_features, int64_t divisor) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t features = F > 0 ? F : runtime_features;
   const int64_t row_size = n * features;
   const int64_t out_row_size = DIAGONAL ? features : row_size;
-  const acc_t samples = static_cast<acc_t>(k);
+  const acc_t samples = static_cast<acc_t>(divisor);
   at::parallel_for(0, batch * n, grain_for(k * out_row_size), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(out_row_size);
     for_each_node_row(begin, end, n, [&](int64_t row, int64_t b, int64_t i) {
@@ -204,6 +212,31 @@ void scatter_mean_edges(const scalar_t* y, const int64_t* perm, const int64_t* p
       scalar_t* to = out + row * out_row_size;
       for (int64_t m = 0; m < out_row_size; ++m) to[m] = static_cast<scalar_t>(into[m] / samples);
     });
+  });
+}
+
+// out[b, j, r] = grad[b, perm[b, j, r]] / k: the gradient of unpermute_mean, one gather with the
+// scale folded in (rows of F or `features` elements)
+template <int F, typename scalar_t>
+void gather_nodes_scaled(const scalar_t* grad, const int64_t* perm, scalar_t* out, int64_t batch, int64_t k,
+                         int64_t n, int64_t runtime_features) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t features = F > 0 ? F : runtime_features;
+  const acc_t samples = static_cast<acc_t>(k);
+  const int64_t rows_per_graph = k * n;
+  at::parallel_for(0, batch * rows_per_graph, grain_for(features), [&](int64_t begin, int64_t end) {
+    int64_t b = begin / rows_per_graph;
+    int64_t left = (b + 1) * rows_per_graph - begin;
+    for (int64_t row = begin; row < end; ++row) {
+      if (left == 0) {
+        ++b;
+        left = rows_per_graph;
+      }
+      --left;
+      const scalar_t* __restrict__ from = grad + (b * n + perm[row]) * features;
+      scalar_t* __restrict__ to = out + row * features;
+      for (int64_t f = 0; f < features; ++f) to[f] = static_cast<scalar_t>(static_cast<acc_t>(from[f]) / samples);
+    }
   });
 }
 
@@ -260,7 +293,10 @@ at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm) {
   return out;
 }
 
-at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) {
+namespace {
+
+// mean (divisor k) or sum (divisor 1) over the samples of the permuted-back node rows
+at::Tensor scatter_nodes(const at::Tensor& y, const at::Tensor& perm, int64_t divisor) {
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2);
   const int64_t features = feature_size(y, 3);
   at::Tensor out = at::empty(averaged_shape(y), y.options());
@@ -269,12 +305,13 @@ at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_mean_cpu", [&] {
     LPS_FAST_DISPATCH_FEATURES(features, F,
                                scatter_mean_nodes<F>(y.const_data_ptr<scalar_t>(), inverse.const_data_ptr<int64_t>(),
-                                                     out.mutable_data_ptr<scalar_t>(), batch, k, n, features));
+                                                     out.mutable_data_ptr<scalar_t>(), batch, k, n, features,
+                                                     divisor));
   });
   return out;
 }
 
-at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, bool diagonal) {
+at::Tensor scatter_edges(const at::Tensor& y, const at::Tensor& perm, bool diagonal, int64_t divisor) {
   const int64_t batch = y.size(0), k = y.size(1), n = y.size(2);
   const int64_t features = feature_size(y, 4);
   at::Tensor out = at::empty(averaged_edge_shape(y, diagonal), y.options());
@@ -287,11 +324,43 @@ at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, boo
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
     if (diagonal) {
       LPS_FAST_DISPATCH_FEATURES(features, F,
-                                 scatter_mean_edges<F, true>(source, perm_data, position, target, batch, k, n, features));
+                                 scatter_mean_edges<F, true>(source, perm_data, position, target, batch, k, n, features,
+                                                             divisor));
     } else {
       LPS_FAST_DISPATCH_FEATURES(features, F,
-                                 scatter_mean_edges<F, false>(source, perm_data, position, target, batch, k, n, features));
+                                 scatter_mean_edges<F, false>(source, perm_data, position, target, batch, k, n,
+                                                              features, divisor));
     }
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm) { return scatter_nodes(y, perm, y.size(1)); }
+
+at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, bool diagonal) {
+  return scatter_edges(y, perm, diagonal, y.size(1));
+}
+
+at::Tensor permute_nodes_backward(const at::Tensor& grad, const at::Tensor& perm) {
+  return scatter_nodes(grad, perm, 1);
+}
+
+at::Tensor permute_edges_backward(const at::Tensor& grad, const at::Tensor& perm) {
+  return scatter_edges(grad, perm, /*diagonal=*/false, 1);
+}
+
+at::Tensor unpermute_mean_backward(const at::Tensor& grad, const at::Tensor& perm) {
+  const int64_t batch = perm.size(0), k = perm.size(1), n = perm.size(2);
+  const int64_t features = feature_size(grad, 2);
+  at::Tensor out = at::empty(sampled_shape(grad, k), grad.options());
+  if (out.numel() == 0) return out;
+  invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "unpermute_mean_backward_cpu", [&] {
+    LPS_FAST_DISPATCH_FEATURES(features, F,
+                               gather_nodes_scaled<F>(grad.const_data_ptr<scalar_t>(), perm.const_data_ptr<int64_t>(),
+                                                      out.mutable_data_ptr<scalar_t>(), batch, k, n, features));
   });
   return out;
 }

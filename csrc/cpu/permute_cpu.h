@@ -32,5 +32,11 @@ at::Tensor permute_edges(const at::Tensor& e, const at::Tensor& perm);
 at::Tensor unpermute_mean(const at::Tensor& y, const at::Tensor& perm);
 at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, bool diagonal);
 
+// Backward passes: the sums over the samples that are the gathers' gradients (B, n, *F) and
+// (B, n, n, *F), and unpermute_mean's gradient grad[b, perm[b, j, r]] / k (B, k, n, *F).
+at::Tensor permute_nodes_backward(const at::Tensor& grad, const at::Tensor& perm);
+at::Tensor permute_edges_backward(const at::Tensor& grad, const at::Tensor& perm);
+at::Tensor unpermute_mean_backward(const at::Tensor& grad, const at::Tensor& perm);
+
 }  // namespace cpu
 }  // namespace lps_fast
