@@ -22,4 +22,4 @@ def test_example_runs_at_tiny_size(script):
 
 
 def test_there_are_examples():
-    assert {"point_cloud_so3", "graph_classifier_sn"} <= {path.stem for path in EXAMPLES}
+    assert {"point_cloud_so3", "graph_classifier_sn", "particles_snxe3"} <= {path.stem for path in EXAMPLES}
