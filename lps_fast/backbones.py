@@ -189,6 +189,24 @@ class GIN(GINID):
         super().__init__(max_nodes, **kwargs)
 
 
+def _pre_norm_encoder(d_model: int, heads: int, layers: int, dim_feedforward: Optional[int],
+                      dropout: float) -> nn.TransformerEncoder:
+    """Pre-norm encoder layers with GELU and a final layer norm (batch first)."""
+    layer = nn.TransformerEncoderLayer(
+        d_model, heads, dim_feedforward or d_model, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+
+
+def _bounded_mask(views: Dict[str, torch.Tensor], max_nodes: int):
+    """``(mask, graphs, n)`` of the views, refusing graphs larger than the backbone was built for."""
+    mask = _mask(views)
+    n_graphs, n = mask.shape
+    if n > max_nodes:
+        raise ValueError(f"graph has {n} nodes, more than max_nodes={max_nodes}")
+    return mask, n_graphs, n
+
+
 class Transformer(nn.Module):
     """A transformer encoder over nodes (particles) as tokens, with learned position embeddings.
 
@@ -216,18 +234,12 @@ class Transformer(nn.Module):
         token_dim = self.node_inputs + max_nodes * edge_dim + 1
         self.embed = nn.Linear(token_dim, d_model)
         self.positions = nn.Parameter(torch.randn(max_nodes, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward or d_model, dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        self.encoder = _pre_norm_encoder(d_model, heads, layers, dim_feedforward, dropout)
         per_token = out_dim * (3 if output == "vector" else 1)
         self.head = make_mlp(d_model, [d_model], per_token)
 
     def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = _mask(views)
-        n_graphs, n = mask.shape
-        if n > self.max_nodes:
-            raise ValueError(f"graph has {n} nodes, more than max_nodes={self.max_nodes}")
+        mask, n_graphs, n = _bounded_mask(views, self.max_nodes)
         dtype = self.embed.weight.dtype
         parts = [mask[..., None].to(dtype)]
         nodes = _masked_nodes(views, mask, self.node_dim, self.point_channels)
@@ -274,19 +286,13 @@ class PairTransformer(nn.Module):
         self.node_inputs = node_dim + 3 * point_channels
         self.embed = nn.Linear(self.node_inputs + edge_dim + 1, d_model)
         self.positions = nn.Parameter(torch.randn(max_nodes, max_nodes, d_model))
-        layer = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward or d_model, dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        self.encoder = _pre_norm_encoder(d_model, heads, layers, dim_feedforward, dropout)
         per_token = out_dim * (3 if output == "vector" else 1)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.ReLU(),
                                   nn.Dropout(dropout), nn.Linear(d_model, per_token))
 
     def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = _mask(views)
-        n_graphs, n = mask.shape
-        if n > self.max_nodes:
-            raise ValueError(f"graph has {n} nodes, more than max_nodes={self.max_nodes}")
+        mask, n_graphs, n = _bounded_mask(views, self.max_nodes)
         dtype = self.embed.weight.dtype
         pairs = mask[:, :, None] & mask[:, None, :]  # [N, n, n]
         parts = [pairs[..., None].to(dtype)]
