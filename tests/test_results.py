@@ -172,9 +172,25 @@ def test_results_suite_runs_are_recorded_and_reported(tmp_path, monkeypatch):
 
 
 def test_report_statements_compare_means_and_spreads():
-    rows = [{"task": "nbody", "distribution": "learned", "test_mse_mean": 0.010, "test_mse_std": 0.001},
-            {"task": "nbody", "distribution": "uniform", "test_mse_mean": 0.020, "test_mse_std": 0.001},
-            {"task": "nbody", "distribution": "none", "test_mse_mean": 0.0105, "test_mse_std": 0.002}]
+    two = dict(seeds=[0, 1])
+    rows = [{"task": "nbody", "distribution": "learned", "test_mse_mean": 0.010, "test_mse_std": 0.001, **two},
+            {"task": "nbody", "distribution": "uniform", "test_mse_mean": 0.020, "test_mse_std": 0.001, **two},
+            {"task": "nbody", "distribution": "none", "test_mse_mean": 0.0105, "test_mse_std": 0.002, **two}]
     lines = results_lib._statements(rows)
     assert any("group averaging: 0.01 vs 0.02 (50% lower): learned is ahead, by more than" in line for line in lines)
     assert any("no symmetrization" in line and "within the spread" in line for line in lines)
+    one = [dict(rows[0], seeds=[0]), dict(rows[1], seeds=[0])]
+    assert "one seed: no spread" in results_lib._statements(one)[0]
+
+
+def test_main_job_runs_are_recorded_as_the_main_comparison(tmp_path):
+    from lps_fast.train import compare as compare_lib
+
+    compare_lib.compare(tiny_config("nbody"), ["learned", "none"], out=tmp_path / "main")
+    root = tmp_path / "records"
+    recorded = results_lib.import_main_job(tmp_path / "main", root)
+    assert sorted(p.parent.name for p in recorded) == ["learned", "none"]
+    runs = results_lib.collect(root)
+    assert {r["comparison"] for r in runs} == {"main"} and all(r["command"] == "lps-fast main" for r in runs)
+    with pytest.raises(FileNotFoundError, match="run lps-fast main first"):
+        results_lib.import_main_job(tmp_path / "nothing", root)

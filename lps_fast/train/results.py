@@ -205,7 +205,7 @@ def collect(root: Path = DEFAULT_ROOT) -> List[Dict[str, Any]]:
         metric, key = _metric_key(task)
         entry: Dict[str, Any] = {
             "task": task, "suite": suite_name,
-            "comparison": suite.comparison if suite else "other",
+            "comparison": suite.comparison if suite else ("main" if suite_name == "main" else "other"),
             "distribution": metrics["distribution"], "seed": metrics["seed"],
             "epochs": metrics.get("epochs"), "steps": metrics.get("steps"),
             "minutes": round(metrics.get("train_seconds", 0.0) / 60.0, 3),
@@ -259,8 +259,11 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if mean is not None:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
         rows.append(row)
-    order = list(SUITES)
-    rows.sort(key=lambda r: (order.index(r["suite"]) if r["suite"] in order else len(order), r["distribution"]))
+    order = ["main"] + list(SUITES)
+    first = ("learned", "uniform", "canonical", "frame", "none")
+    rows.sort(key=lambda r: (order.index(r["suite"]) if r["suite"] in order else len(order),
+                             first.index(r["distribution"]) if r["distribution"] in first else len(first),
+                             r["distribution"]))
     return rows
 
 
@@ -339,12 +342,15 @@ def _statements(rows: Sequence[Dict[str, Any]]) -> List[str]:
         other, other_std = row[f"{key}_mean"], row.get(f"{key}_std") or 0.0
         better = learned > other if higher else learned < other
         margin = abs(learned - other)
-        clear = margin > learned_std + other_std
         relative = f" ({abs(learned / other - 1) * 100:.0f}% {'lower' if learned < other else 'higher'})" if other else ""
+        if min(len(by["learned"].get("seeds", [])), len(row.get("seeds", []))) < 2:
+            spread = " (one seed: no spread to compare the gap with)"
+        elif margin > learned_std + other_std:
+            spread = ", by more than the two standard deviations summed"
+        else:
+            spread = ", within the spread of the seeds"
         out.append(f"- Learned vs {_LABELS.get(name, name)}: {_fmt(learned)} vs {_fmt(other)}{relative}: learned is "
-                   f"{'ahead' if better else 'behind'}"
-                   + (", by more than the two standard deviations summed" if clear else
-                      ", within the spread of the seeds"))
+                   f"{'ahead' if better else 'behind'}{spread}")
     return out
 
 
@@ -399,6 +405,31 @@ def _plot_curves(runs: Sequence[Dict[str, Any]], suite: str, out: Path) -> Optio
     return path
 
 
+def import_main_job(folder: Path, root: Path = DEFAULT_ROOT) -> List[Path]:
+    """Record the runs of a finished ``lps-fast main`` (``folder`` = its ``--out``) under
+    ``root/main/<distribution>/seed<N>`` as the report's ``main`` comparison."""
+    summary = _read_json(folder / "summary.json")
+    if summary is None:
+        raise FileNotFoundError(f"{folder / 'summary.json'} not found: run lps-fast main first")
+    recorded = []
+    for row in summary["rows"]:
+        source = folder / row["distribution"]
+        metrics = _read_json(source / "metrics.json")
+        if metrics is None:
+            continue
+        target = root / "main" / row["distribution"] / f"seed{metrics['seed']}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "log.jsonl", "metrics.json"):
+            if (source / name).is_file():
+                (target / name).write_text((source / name).read_text())
+        record = {"command": "lps-fast main", "exit_code": 0, "machine": machine_description(),
+                  "wall_seconds": summary.get("total_seconds"), "load_at_start": None, "load_at_end": _load(),
+                  "threads_per_model": summary.get("threads_per_model")}
+        (target / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        recorded.append(target)
+    return recorded
+
+
 def write_report(root: Path = DEFAULT_ROOT, out: Path = DEFAULT_REPORT, markdown: Path = DEFAULT_MARKDOWN) -> Dict[str, Any]:
     """Write ``summary.json`` and the Markdown report from the records under ``root``."""
     runs = collect(root)
@@ -440,12 +471,19 @@ def _markdown(runs, rows, out: Path, markdown: Path) -> List[str]:
         suite = SUITES.get(suite_name)
         task = suite_rows[0]["task"]
         recipe = get_recipe(task)
-        lines += [f"## {suite_name}: {suite.summary if suite else task}", ""]
-        example = next((r for r in runs if r["suite"] == suite_name), None)
-        if example and example.get("command"):
+        title = suite.summary if suite else (
+            "the main job (`lps-fast main`, what `make demo` runs): n-body, three models trained at once for the same "
+            "wall-clock time" if suite_name == "main" else task)
+        lines += [f"## {suite_name}: {title}", ""]
+        members = [r for r in runs if r["suite"] == suite_name]
+        example = next((r for r in members if r["distribution"] == "learned"), members[0] if members else None)
+        if example and example.get("command") and suite is not None:
+            command = example["command"]
+            if command.startswith("-m lps_fast.cli "):
+                command = "lps-fast " + command[len("-m lps_fast.cli "):]
             lines += ["```bash", f"lps-fast results run {suite_name} --seeds "
-                      f"{','.join(str(s) for s in suite_rows[0]['seeds'])}   # runs, e.g.: "
-                      f"{example['command'].replace(' -m lps_fast.cli', 'lps-fast')}", "```", ""]
+                      f"{','.join(str(s) for s in suite_rows[0]['seeds'])}", f"# each run is, e.g.: {command}", "```",
+                      ""]
         lines += [f"Paper: {recipe.paper}.", ""]
         lines += _trained_table(suite_rows) if recipe.trained else _protocol_table(suite_rows)
         lines.append("")
@@ -476,6 +514,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--root", default=str(DEFAULT_ROOT))
     report.add_argument("--out", default=str(DEFAULT_REPORT), help="folder of summary.json and the plots")
     report.add_argument("--markdown", default=str(DEFAULT_MARKDOWN))
+    report.add_argument("--main-job", metavar="DIR",
+                        help="first record the runs of a finished `lps-fast main --out DIR` (default runs/main) as the "
+                             "'main' comparison")
     actions.add_parser("suites", help="list the suites")
 
 
@@ -497,9 +538,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"{len(failed)} run(s) failed: " + ", ".join(str(f) for f in failed))
             return 1
         return 0
+    if args.main_job:
+        for target in import_main_job(Path(args.main_job), Path(args.root)):
+            print(f"recorded {target}")
     summary = write_report(Path(args.root), Path(args.out), Path(args.markdown))
     print(f"{len(summary['runs'])} runs -> {Path(args.out) / 'summary.json'} and {args.markdown}")
     return 0
 
 
-__all__ = ["Suite", "SUITES", "run_suites", "collect", "aggregate", "write_report", "machine_description"]
+__all__ = ["Suite", "SUITES", "run_suites", "collect", "aggregate", "write_report", "import_main_job",
+           "machine_description"]
