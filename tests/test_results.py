@@ -165,8 +165,10 @@ def test_results_suite_runs_are_recorded_and_reported(tmp_path, monkeypatch):
     assert "Learned vs group averaging" in text
     on_disk = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert on_disk["runs"] == json.loads(json.dumps(summary["runs"]))
-    # a second run skips what is done
+    # a second run skips what is done; a subset of the distributions runs alone
     assert results_lib.run_suites([suite.name], [0], root) == []
+    assert results_lib.run_suites([suite.name], [2], root, distributions=("uniform",)) == []
+    assert sorted(p.parent.name for p in root.glob("tiny-nbody/*/seed2")) == ["uniform"]
     with pytest.raises(ValueError, match="unknown suite"):
         results_lib.run_suites(["nope"], [0], root)
 

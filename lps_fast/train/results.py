@@ -124,12 +124,14 @@ def _finish(process: subprocess.Popen, out: Path, command: List[str], started: f
 
 
 def run_suites(names: Sequence[str], seeds: Sequence[int], root: Path = DEFAULT_ROOT, jobs: int = 2,
-               data: Optional[str] = None, keep_checkpoints: bool = False, skip_done: bool = True) -> List[Path]:
+               data: Optional[str] = None, keep_checkpoints: bool = False, skip_done: bool = True,
+               distributions: Optional[Sequence[str]] = None) -> List[Path]:
     """Run every (distribution, seed) of the suites; returns the run folders that failed.
 
     ``equal_time`` suites start the distributions of one seed together (same budget, same share
     of the machine); the other runs go ``jobs`` at a time. With ``skip_done`` a run whose
-    ``metrics.json`` exists is not repeated, so an interrupted batch resumes.
+    ``metrics.json`` exists is not repeated, so an interrupted batch resumes. ``distributions``
+    runs only those of each suite's distributions.
     """
     failed: List[Path] = []
     for name in names:
@@ -137,12 +139,13 @@ def run_suites(names: Sequence[str], seeds: Sequence[int], root: Path = DEFAULT_
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
     for name in names:
         suite = SUITES[name]
+        chosen = [d for d in suite.distributions if distributions is None or d in distributions]
         groups: List[List[Tuple[str, int]]]
         if suite.comparison == "equal_time":
-            groups = [[(d, seed) for d in suite.distributions] for seed in seeds]
-            limit = len(suite.distributions)
+            groups = [[(d, seed) for d in chosen] for seed in seeds]
+            limit = max(len(chosen), 1)
         else:
-            groups = [[(d, seed) for seed in seeds for d in suite.distributions]]
+            groups = [[(d, seed) for seed in seeds for d in chosen]]
             limit = jobs
         for group in groups:
             queue = [(d, seed) for d, seed in group
@@ -506,6 +509,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("suites", nargs="+", metavar="SUITE", help=f"one or more of: {', '.join(SUITES)}")
     run.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     run.add_argument("--jobs", type=int, default=2, help="runs at a time for equal-epoch suites (default 2)")
+    run.add_argument("--distributions", help="comma-separated subset of each suite's distributions (default all)")
     run.add_argument("--root", default=str(DEFAULT_ROOT), help=f"where the records go (default {DEFAULT_ROOT})")
     run.add_argument("--data", help="folder of exp.npz / graph8c.g6 (default: the usual search path)")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep best.pt / last.pt of every run")
@@ -532,8 +536,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--seeds expects comma-separated whole numbers, got {args.seeds!r}") from None
         if args.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        only = None if not args.distributions else tuple(d.strip() for d in args.distributions.split(","))
         failed = run_suites(args.suites, seeds, Path(args.root), args.jobs, args.data, args.keep_checkpoints,
-                            skip_done=not args.again)
+                            skip_done=not args.again, distributions=only)
         if failed:
             print(f"{len(failed)} run(s) failed: " + ", ".join(str(f) for f in failed))
             return 1
