@@ -491,7 +491,7 @@ def _markdown(runs, rows, out: Path, markdown: Path) -> List[str]:
         lines += _trained_table(suite_rows) if recipe.trained else _protocol_table(suite_rows)
         lines.append("")
         lines += _statements(suite_rows)
-        plot = _plot_curves(runs, suite_name, out)
+        plot = _plot_curves(runs, suite_name, out) if recipe.trained else None
         if plot is not None:
             relative = os.path.relpath(plot, markdown.parent)
             lines += ["", f"![{suite_name}]({relative})"]
