@@ -357,6 +357,42 @@ def _statements(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return out
 
 
+def _targets(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The reproduction targets, each met or not, with the measurements beside it (computed)."""
+    by = {(r["suite"], r["distribution"]): r for r in rows}
+    lines = ["## Where the targets stand", "",
+             "| target | met | measured |", "|---|---|---|"]
+
+    def nbody(suite: str, label: str) -> None:
+        learned, uniform = by.get((suite, "learned")), by.get((suite, "uniform"))
+        if not learned or not uniform:
+            return
+        a, b = learned["test_mse_mean"], uniform["test_mse_mean"]
+        steps = f"{_fmt(learned.get('steps_mean'))} vs {_fmt(uniform.get('steps_mean'))} steps"
+        concentration = ""
+        if learned.get("concentration_permutation_last_mean") is not None:
+            concentration = (f"; permutation concentration at the end {learned['concentration_permutation_last_mean']:.2f}"
+                             f" (uniform {uniform.get('concentration_permutation_last_mean', float('nan')):.2f}), "
+                             f"rotation {learned.get('concentration_rotation_last_mean', float('nan')):.2f} (uniform "
+                             f"{uniform.get('concentration_rotation_last_mean', float('nan')):.2f})")
+        lines.append(f"| n-body: learned at or below group averaging, {label} | {'yes' if a <= b else 'no'} | "
+                     f"{_pm(learned, 'test_mse')} vs {_pm(uniform, 'test_mse')} ({len(learned['seeds'])} "
+                     f"seed{'s' if len(learned['seeds']) != 1 else ''}; "
+                     f"{steps}{concentration}) |")
+
+    nbody("nbody-epochs", "equal epochs")
+    nbody("nbody-time", "equal wall-clock time")
+    nbody("main", "the main job's budget")
+    learned = by.get(("exp-classify", "learned"))
+    if learned:
+        accuracy = learned["test_accuracy_mean"]
+        lines.append(f"| EXP-classify: learned test accuracy >= 0.99 | {'yes' if accuracy >= 0.99 else 'no'} | "
+                     f"{_pm(learned, 'test_accuracy')} after {_fmt(learned.get('epochs_mean'))} epochs (the paper "
+                     f"trains 2,000); permutation concentration {learned.get('concentration_permutation_first_mean', 0):.2f}"
+                     f" -> {learned.get('concentration_permutation_last_mean', 0):.2f} |")
+    return lines + [""] if len(lines) > 4 else []
+
+
 def _plot_curves(runs: Sequence[Dict[str, Any]], suite: str, out: Path) -> Optional[Path]:
     try:
         import matplotlib
@@ -470,6 +506,7 @@ def _markdown(runs, rows, out: Path, markdown: Path) -> List[str]:
     by_suite: Dict[str, List[Dict[str, Any]]] = {}
     for row in rows:
         by_suite.setdefault(row["suite"], []).append(row)
+    lines += _targets(rows)
     for suite_name, suite_rows in by_suite.items():
         suite = SUITES.get(suite_name)
         task = suite_rows[0]["task"]
