@@ -84,7 +84,7 @@ class Scale:
         return f"B={self.B} k={self.k} n={self.n} C={self.C}"
 
 
-# The paper's scales (issue 3): PATTERN with 4 edge channels, EXP with its adjacency as one edge
+# The paper's scales: PATTERN with 4 edge channels, EXP with its adjacency as one edge
 # channel, n-body with 2 channels (positions and velocities as 3-vectors; q_i q_j and adjacency
 # on edges). Node-level features are F = 64 wide everywhere (a typical backbone width).
 PAPER_SCALES = {

@@ -100,7 +100,7 @@ def render(results: Path, device: str) -> str:
             header = ["case", "scale", "mode", "best peer", f"{provider} vs best", f"{provider} fwd / copy", "verdict"]
             parts.append(summary.markdown(header, lines, textual=4) + "\n")
     for provider in fast:
-        parts.append(f"### Targets ({provider}, issue 3)\n")
+        parts.append(f"### Targets ({provider})\n")
         lines = [[name, verdict, evidence] for name, verdict, evidence in summary.targets(all_rows, provider)]
         parts.append(summary.markdown(["target", "verdict", "measured"], lines, textual=3) + "\n")
     return "\n".join(parts)

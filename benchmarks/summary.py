@@ -234,7 +234,7 @@ def memory_table(rows: Sequence[dict], cases: Sequence[str] = (), modes: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------
-# Targets (issue 3, CPU, fast provider = cpp)
+# Targets of the CPU kernels (fast provider = cpp)
 
 
 def _speedup(grouped, case, scale, mode, fast, baseline="reference"):
@@ -256,7 +256,7 @@ def _worst(items: List[Tuple[float, str]], shown: int = 12) -> str:
 
 
 def targets(rows: Sequence[dict], fast: str = "cpp") -> List[Tuple[str, str, str]]:
-    """``(target, verdict, evidence)`` for each of issue 3's targets, from one run's rows."""
+    """``(target, verdict, evidence)`` for each CPU kernel target, from one run's rows."""
     grouped = group(rows)
     scales = [s for s in SCALES if any(r["scale"] == s for r in rows)]
     results = []
