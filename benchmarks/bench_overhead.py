@@ -95,5 +95,4 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(harness.exit_status(main()))

@@ -48,6 +48,15 @@ class Context:
         tensor.copy_(moved.to(tensor.device))
         return tensor
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy every buffer of ``module`` (batch-norm running statistics) from rank 0 to all
+        processes. DDP broadcasts them at the start of each forward pass, so after a step every
+        process holds its own update; this makes the copies one model again."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
     def all_reduce_max(self, value: float) -> float:
         if not self.distributed:
             return value

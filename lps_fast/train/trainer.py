@@ -198,7 +198,15 @@ def _evaluate(model: nn.Module, recipe: Recipe, info, dataset, config: TrainConf
     context.all_reduce_sum(meter.sums)
     model.train(was_training)
     result = meter.result()
-    result.update({f"concentration_{name}": value for name, value in concentration.items()})
+    if diagnostics:
+        # the mean over processes of each one's first batch, so every process reports the same
+        names = ("permutation", "rotation")
+        values = torch.tensor([concentration.get(name, 0.0) for name in names] + [float(bool(concentration))],
+                              dtype=torch.float64)
+        context.all_reduce_sum(values)
+        if values[-1] > 0:
+            result.update({f"concentration_{name}": float(values[i] / values[-1])
+                           for i, name in enumerate(names) if name in concentration})
     return result
 
 
@@ -580,6 +588,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
                 epoch -= 1
                 break
             context.all_reduce_sum(meter.sums)
+            context.broadcast_buffers(raw_model)  # batch-norm statistics: rank 0's, as DDP uses them
             train_metrics = meter.result()
             record: Dict[str, Any] = {"epoch": epoch, "step": step, "lr": lr, "partial": stop,
                                       "train_loss": train_metrics["loss"],
