@@ -152,6 +152,7 @@ def test_results_suite_runs_are_recorded_and_reported(tmp_path, monkeypatch):
     for folder in folders:
         record = json.loads((folder / "run.json").read_text())
         assert record["exit_code"] == 0 and "--threads 1" in record["command"] and record["machine"]
+        assert record["revision"] is None or len(record["revision"].split("+")[0]) == 40
         assert not list(folder.glob("*.pt"))  # checkpoints are not kept
     summary = results_lib.write_report(root, tmp_path / "report", tmp_path / "RESULTS.md")
     assert {(r["distribution"], r["seed"]) for r in summary["runs"]} == {

@@ -108,10 +108,24 @@ def _load() -> Optional[float]:
         return None
 
 
+def _source_revision() -> Optional[str]:
+    """The git commit of the working tree the runs use (with ``+changes`` when it differs), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _finish(process: subprocess.Popen, out: Path, command: List[str], started: float, load: Optional[float],
-            keep_checkpoints: bool) -> bool:
+            keep_checkpoints: bool, revision: Optional[str] = None) -> bool:
     code = process.wait()
-    record = {"command": shlex.join(command[1:]), "python": command[0], "exit_code": code,
+    record = {"command": shlex.join(command[1:]), "python": command[0], "exit_code": code, "revision": revision,
               "machine": machine_description(), "wall_seconds": time.time() - started,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "load_at_start": load,
               "load_at_end": _load()}
@@ -134,6 +148,7 @@ def run_suites(names: Sequence[str], seeds: Sequence[int], root: Path = DEFAULT_
     runs only those of each suite's distributions.
     """
     failed: List[Path] = []
+    revision = _source_revision()
     for name in names:
         if name not in SUITES:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
@@ -165,7 +180,7 @@ def run_suites(names: Sequence[str], seeds: Sequence[int], root: Path = DEFAULT_
                 for entry in [e for e in running if e[0].poll() is not None]:
                     running.remove(entry)
                     process, out, command, started, load, log = entry
-                    ok = _finish(process, out, command, started, load, keep_checkpoints)
+                    ok = _finish(process, out, command, started, load, keep_checkpoints, revision)
                     log.close()
                     if not ok:
                         failed.append(out)
