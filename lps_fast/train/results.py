@@ -71,6 +71,8 @@ _NBODY = ("learned", "uniform", "canonical", "none")
 SUITES: Dict[str, Suite] = {suite.name: suite for suite in (
     Suite("nbody-epochs", "nbody", "equal_epochs", _NBODY, dict(epochs=20, n_val=500),
           "n-body, the CPU default model (transformer over particles, vn-dgcnn distribution), 20 epochs each"),
+    Suite("nbody-long", "nbody", "equal_epochs", ("learned", "uniform"), dict(epochs=60, n_val=500),
+          "n-body, learned vs group averaging for 60 epochs each (does the learned distribution pull ahead later?)"),
     Suite("nbody-time", "nbody", "equal_time", _NBODY, dict(time_budget="4m", n_val=500),
           "n-body, the same models, 4 minutes of wall-clock time each, the four trained at once"),
     Suite("exp-classify", "exp-classify", "equal_epochs", ("learned", "uniform"), dict(epochs=40),
