@@ -397,7 +397,8 @@ def _targets(rows: Sequence[Dict[str, Any]]) -> List[str]:
                      f"seed{'s' if len(learned['seeds']) != 1 else ''}; "
                      f"{steps}{concentration}) |")
 
-    nbody("nbody-epochs", "equal epochs")
+    nbody("nbody-epochs", "equal epochs (20)")
+    nbody("nbody-long", "equal epochs (60)")
     nbody("nbody-time", "equal wall-clock time")
     nbody("main", "the main job's budget")
     learned = by.get(("exp-classify", "learned"))
