@@ -80,10 +80,10 @@ class Distribution(nn.Module):
     def check_noise(self, inputs: Inputs, noise: Dict[str, torch.Tensor], k: int) -> None:
         """Refuse noise entries this distribution does not draw (a misspelt key would otherwise be
         ignored and the real draw silently made)."""
-        unknown = sorted(set(noise) - set(self.noise_spec(inputs, k)))
+        expected = sorted(self.noise_spec(inputs, k))
+        unknown = sorted(set(noise) - set(expected))
         if unknown:
-            expected = sorted(self.noise_spec(inputs, k)) or "none"
-            raise ValueError(f"{type(self).__name__} draws no noise {unknown}; its noise entries: {expected}")
+            raise ValueError(f"{type(self).__name__} draws no noise {unknown}; its noise entries: {expected or 'none'}")
 
     def _require_group(self) -> Group:
         if self.group is None:
@@ -372,10 +372,7 @@ class Learned(Distribution):
                 raise ValueError(f"Learned over {group!r} takes network in {self.PERMUTATION_NETWORKS}, got {self.network!r}")
             degree_dims = self.edge_dim if self.degree else 0
             # Without any node input the network reads a constant 1 (to which added noise goes).
-            self.input_dim = max(self.node_dim + 3 * self.point_channels + degree_dims, 1)
-            self.noise_dim = self.input_dim if self.noise_mode == "add" else (
-                self.input_dim if self.noise_dim_arg is None else int(self.noise_dim_arg))
-            width = self.input_dim + (self.noise_dim if self.noise_mode == "concat" else 0)
+            width = self._set_widths(max(self.node_dim + 3 * self.point_channels + degree_dims, 1))
             if self.network == "gin-bn":
                 self.gin = BatchNormGIN(width, self.edge_dim, self.hidden, self.layers, 1, virtual_node=True)
             else:
@@ -386,10 +383,7 @@ class Learned(Distribution):
             self.network = self.network_arg or "vn"
             if self.network not in self.ROTATION_NETWORKS:
                 raise ValueError(f"Learned over {group!r} takes network in {self.ROTATION_NETWORKS}, got {self.network!r}")
-            self.input_dim = self.point_channels
-            self.noise_dim = self.point_channels if (self.noise_mode == "add" or self.noise_dim_arg is None) \
-                else int(self.noise_dim_arg)
-            channels = self.point_channels + (self.noise_dim if self.noise_mode == "concat" else 0)
+            channels = self._set_widths(self.point_channels)
             if self.network == "vn-dgcnn":
                 self.vector_net = VNDGCNN(channels, self.hidden, self.neighbours, self.dropout, scores=group.permutation)
             else:
@@ -397,6 +391,14 @@ class Learned(Distribution):
                                                   scores=group.permutation)
         self.tau = float(self.tau_arg) if self.tau_arg is not None else (0.1 if group.rotation is not None else 0.01)
         return self
+
+    def _set_widths(self, input_dim: int) -> int:
+        """Record the network's clean input width and the noise width; return the input width
+        the network reads (the clean width, plus the noise channels when concatenated)."""
+        self.input_dim = input_dim
+        concat = self.noise_mode == "concat"
+        self.noise_dim = int(self.noise_dim_arg) if concat and self.noise_dim_arg is not None else input_dim
+        return input_dim + (self.noise_dim if concat else 0)
 
     def extra_repr(self) -> str:
         return (f"network={self.network!r}, noise={self.noise_mode!r}, noise_scale={self.noise_scale}, "
@@ -428,13 +430,14 @@ class Learned(Distribution):
             if value != getattr(self, name):
                 raise ValueError(f"Learned was built with {name}={getattr(self, name)} but the inputs have {value}")
 
-    def _with_noise(self, clean: torch.Tensor, noise: Optional[torch.Tensor], dim: int) -> torch.Tensor:
-        """The network input of every sample: ``clean (B, k, ...)`` plus or beside the noise."""
-        if noise is None:
-            return clean
+    def _with_noise(self, clean: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """The network input of every sample: ``clean (B, k, ...)`` plus the noise, or with the
+        noise as extra last-dim channels (zeros when none is drawn, e.g. a zero noise scale)."""
         if self.noise_mode == "add":
-            return clean + noise
-        return torch.cat([clean, noise], dim=dim)
+            return clean if noise is None else clean + noise
+        if noise is None:
+            noise = clean.new_zeros(*clean.shape[:-1], self.noise_dim)
+        return torch.cat([clean, noise], dim=-1)
 
     def forward(self, inputs, noise, k):
         group = self._require_group()
@@ -450,9 +453,7 @@ class Learned(Distribution):
             features = self._node_input(inputs, edges)  # [B, n, input_dim]
             clean = features[:, None].expand(batch, k, n, self.input_dim)
             node_noise = self._noise(noise, "nodes", specs["nodes"]) if "nodes" in specs else None
-            if node_noise is None and self.noise_mode == "concat" and self.noise_dim > 0:
-                node_noise = features.new_zeros(batch, k, n, self.noise_dim)
-            x = zero_padding(self._with_noise(clean, node_noise, dim=-1), mask, (2,))
+            x = zero_padding(self._with_noise(clean, node_noise), mask, (2,))
             scores = self.gin(x, edges, mask, leading=(batch, k, n))[..., 0]  # [B, k, n]
         else:
             sample.center = group.center(inputs)
@@ -462,11 +463,9 @@ class Learned(Distribution):
                 points = zero_padding(points, mask, (1,))
             clean = points[:, None].expand(batch, k, *points.shape[1:])  # [B, k, n, 3, C]
             point_noise = self._noise(noise, "points", specs["points"]) if "points" in specs else None
-            if point_noise is None and self.noise_mode == "concat" and self.noise_dim > 0:
-                point_noise = points.new_zeros(batch, k, n, 3, self.noise_dim)
             if point_noise is not None and mask is not None:
                 point_noise = zero_padding(point_noise, mask, (2,))
-            vectors = self._with_noise(clean, point_noise, dim=-1)  # [B, k, n, 3, C']
+            vectors = self._with_noise(clean, point_noise)  # [B, k, n, 3, C']
             if self.network == "vn-dgcnn":
                 sample_mask = None if mask is None else mask[:, None].expand(batch, k, n).reshape(batch * k, n)
                 frame_vectors, scores = self.vector_net(vectors.reshape(batch * k, *vectors.shape[2:]), sample_mask)

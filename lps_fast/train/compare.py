@@ -26,6 +26,7 @@ import torch
 
 from .config import TrainConfig, format_duration
 from .distributed import world_size_from_env
+from .plot import read_log
 from .recipes import build_model, get_recipe, load_splits, make_inputs, resolve, task_loss
 from .trainer import train, write_json
 
@@ -257,12 +258,10 @@ def _providers() -> str:
 
 def _last_concentration(run: Path) -> Dict[str, float]:
     """The last validation concentration a run logged (``{"permutation": ..., "rotation": ...}``)."""
-    log = run / "log.jsonl"
-    if not log.is_file():
+    if not (run / "log.jsonl").is_file():
         return {}
     last: Dict[str, float] = {}
-    for line in log.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_log(run):
         for name in ("permutation", "rotation"):
             if record.get(f"val_concentration_{name}") is not None:
                 last[name] = float(record[f"val_concentration_{name}"])

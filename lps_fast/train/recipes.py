@@ -70,11 +70,6 @@ class Recipe:
     def trained(self) -> bool:
         return self.objective != "none"
 
-    def better(self, value: float, best: Optional[float]) -> bool:
-        if best is None:
-            return True
-        return value > best if self.higher_is_better else value < best
-
 
 _COMMON = dict(schedule="cosine", warmup=0.05, weight_decay=0.0, grad_clip=1.0, dist_width=64, dist_layers=3,
                entropy_weight=0.1, noise_scale=1.0, heads=4, patch_size=None, vit_model="vit_tiny_patch16_224",

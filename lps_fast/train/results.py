@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .plot import read_log
 from .recipes import get_recipe
 
 DEFAULT_ROOT = Path("docs/results/runs")
@@ -199,9 +200,7 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _read_log(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(path) if path.is_file() else []
 
 
 def _metric_key(task: str) -> Tuple[str, str]:

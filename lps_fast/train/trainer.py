@@ -230,30 +230,26 @@ def embed(model: nn.Module, info, dataset, indices: Sequence[int], config: Train
     return torch.cat(outputs)
 
 
-def _close_pairs(embeddings: torch.Tensor, threshold: float, chunk: int = 512) -> torch.Tensor:
-    """``(P, 2)`` indices ``i < j`` of the pairs whose L1 distance is at most ``threshold``."""
-    found = []
+def _close_masks(embeddings: torch.Tensor, threshold: float, chunk: int = 512):
+    """For each block of rows, ``(first row, mask)`` of the pairs ``i < j`` whose L1 distance is
+    at most ``threshold`` (blocks keep the distance matrix small)."""
     total = embeddings.shape[0]
     for start in range(0, total, chunk):
         rows = embeddings[start:start + chunk]
-        distances = torch.cdist(rows, embeddings, p=1)
         later = torch.arange(total)[None, :] > torch.arange(start, start + rows.shape[0])[:, None]
-        close = ((distances <= threshold) & later).nonzero()
-        close[:, 0] += start
-        found.append(close)
+        yield start, (torch.cdist(rows, embeddings, p=1) <= threshold) & later
+
+
+def _close_pairs(embeddings: torch.Tensor, threshold: float, chunk: int = 512) -> torch.Tensor:
+    """``(P, 2)`` indices ``i < j`` of the pairs whose L1 distance is at most ``threshold``."""
+    found = [mask.nonzero() + torch.tensor([start, 0])
+             for start, mask in _close_masks(embeddings, threshold, chunk)]
     return torch.cat(found) if found else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def _count_close_pairs(embeddings: torch.Tensor, threshold: float, chunk: int = 512) -> int:
-    """Pairs ``i < j`` whose L1 distance is at most ``threshold``."""
-    count = 0
-    total = embeddings.shape[0]
-    for start in range(0, total, chunk):
-        rows = embeddings[start:start + chunk]
-        distances = torch.cdist(rows, embeddings, p=1)
-        later = torch.arange(total)[None, :] > torch.arange(start, start + rows.shape[0])[:, None]
-        count += int(((distances <= threshold) & later).sum())
-    return count
+    """How many pairs ``i < j`` have an L1 distance of at most ``threshold``."""
+    return sum(int(mask.sum()) for _, mask in _close_masks(embeddings, threshold, chunk))
 
 
 @torch.no_grad()
