@@ -54,6 +54,17 @@ CPU_BACKWARD_SCHEMAS: Dict[str, str] = {
     "frame_unapply_mean_backward": "(Tensor grad, Tensor y, Tensor R, Tensor? perm) -> (Tensor, Tensor)",
 }
 
+# A network-side kernel of the compiled CPU provider, outside the symmetrization ops: the fused
+# vector-neuron layer of the learned distribution's network (lps_fast.nn.vn_layer).
+NETWORK_SCHEMAS: Dict[str, str] = {
+    "vn_layer": "(Tensor p, Tensor d, Tensor? p_centre, Tensor? d_centre, Tensor? neighbours, Tensor? pool, "
+                "Tensor? mask, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, float eps, "
+                "float slope) -> (Tensor, Tensor, Tensor)",
+    "vn_layer_backward": "(Tensor grad, Tensor p, Tensor d, Tensor? p_centre, Tensor? d_centre, Tensor? neighbours, "
+                         "Tensor selected, Tensor? mask, Tensor weight, Tensor bias, Tensor stats, bool training, "
+                         "float eps, float slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
 OP_NAMES = tuple(SCHEMAS)
 
 # Ops whose backward needs another op of the same provider: a provider offers them together.
@@ -154,8 +165,24 @@ def fake_gram_schmidt_backward(grad, V, proper):
     return V.new_empty(V.shape)
 
 
+def fake_vn_layer(p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, running_mean, running_var, eps,
+                  slope):
+    selected = (p.new_empty((p.shape[0], p.shape[1], p.shape[3]), dtype=torch.int64) if neighbours is not None
+                else p.new_empty((0,), dtype=torch.int64))
+    return p.new_empty(p.shape), selected, p.new_empty((2, p.shape[3]))
+
+
+def fake_vn_layer_backward(grad, p, d, p_centre, d_centre, neighbours, selected, mask, weight, bias, stats, training,
+                           eps, slope):
+    return (p.new_empty(p.shape), d.new_empty(d.shape),
+            p.new_empty(p.shape if p_centre is not None else (0,)),
+            d.new_empty(d.shape if d_centre is not None else (0,)),
+            weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+
+
 FAKES: Dict[str, Callable] = {
-    name: globals()[f"fake_{name}"] for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS)
+    name: globals()[f"fake_{name}"]
+    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS) + list(NETWORK_SCHEMAS)
 }
 
 
@@ -525,10 +552,34 @@ def define_compiled_ops() -> None:
     if _library is not None:
         return
     _library = torch.library.Library(NAMESPACE, "FRAGMENT")
-    for name, schema in {**SCHEMAS, **BACKWARD_SCHEMAS, **CPU_BACKWARD_SCHEMAS}.items():
+    for name, schema in {**SCHEMAS, **BACKWARD_SCHEMAS, **CPU_BACKWARD_SCHEMAS, **NETWORK_SCHEMAS}.items():
         _library.define(name + schema)
         torch.library.register_fake(qualified(name), FAKES[name], lib=_library)
     register_autograd(OpSet(""))
+    _register_vn_layer_autograd()
+
+
+def _register_vn_layer_autograd() -> None:
+    """Gradients of ``vn_layer`` w.r.t. p, d, the centre terms and the batch-norm affine
+    parameters (the pool direction only selects, and the statistics output is for the running
+    estimates: neither carries a gradient)."""
+
+    def setup(ctx, inputs, output):
+        p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, running_mean, running_var, eps, slope = inputs
+        _, selected, stats = output
+        ctx.training = running_mean is None
+        ctx.eps, ctx.slope = eps, slope
+        ctx.save_for_backward(p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats)
+
+    def backward(ctx, grad, grad_selected, grad_stats):
+        p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats = ctx.saved_tensors
+        grads = torch.ops.lps_fast.vn_layer_backward(grad, p, d, p_centre, d_centre, neighbours, selected, mask,
+                                                     weight, bias, stats, ctx.training, ctx.eps, ctx.slope)
+        grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias = grads
+        return (grad_p, grad_d, grad_pc if p_centre is not None else None, grad_dc if d_centre is not None else None,
+                None, None, None, grad_weight, grad_bias, None, None, None, None)
+
+    torch.library.register_autograd(qualified("vn_layer"), backward, setup_context=setup, lib=_library)
 
 
 def register_missing_cuda_kernels(reason: str) -> None:
@@ -540,5 +591,5 @@ def register_missing_cuda_kernels(reason: str) -> None:
             "lps_fast.<op> route CUDA tensors to Triton or the reference path instead"
         )
 
-    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS):
+    for name in list(SCHEMAS) + list(BACKWARD_SCHEMAS) + list(CPU_BACKWARD_SCHEMAS) + list(NETWORK_SCHEMAS):
         _library.impl(name, refuse, "CUDA")

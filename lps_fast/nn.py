@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import _backend
+
 
 def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation=nn.ReLU, norm: bool = False) -> nn.Sequential:
     """``Linear -> [LayerNorm] -> activation`` for each hidden width, then a last Linear."""
@@ -263,13 +265,17 @@ class MaskedBatchNorm(nn.Module):
                 denominator = count.clamp_min(1.0)
                 mean = (x * weights).reshape(-1, x.shape[-1]).sum(0) / denominator
                 var = ((x - mean).pow(2) * weights).reshape(-1, x.shape[-1]).sum(0) / denominator
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1).clamp_min(1.0))
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
+            self.update_running(mean, var, count)
         else:
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+    @torch.no_grad()
+    def update_running(self, mean: torch.Tensor, var: torch.Tensor, count) -> None:
+        """Move the running estimates towards a batch's ``mean`` and biased ``var`` over ``count`` entries."""
+        unbiased = var * (count / (count - 1).clamp_min(1.0))
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
 
 
 class _BatchNormMLP(nn.Module):
@@ -360,6 +366,55 @@ _VN_EPS = 1e-6
 # that every channel mixing is one plain matrix product over the last dim.
 
 
+def _safe_length(v: torch.Tensor) -> torch.Tensor:
+    """``|v|`` over the xyz dim of ``(..., 3, C)``, with a zero gradient at ``v = 0`` (padded
+    nodes' vectors are zero, and sqrt's gradient there would be NaN)."""
+    squared = (v * v).sum(dim=-2)  # norm() over a middle dim is slow
+    nonzero = squared > 0
+    return torch.where(nonzero, squared, torch.ones_like(squared)).sqrt() * nonzero
+
+
+_fused_vn_kernel: Optional[bool] = None
+
+
+def fused_vn_available(t: torch.Tensor) -> bool:
+    """Whether :func:`vn_layer` runs the fused CPU kernel on ``t`` (float32/64 CPU tensors, the
+    compiled extension loaded, and no backend other than ``cpp`` forced); elsewhere the VN layers
+    run their composed PyTorch formulation, which is the reference the kernel is tested against."""
+    global _fused_vn_kernel
+    if _fused_vn_kernel is None:
+        _fused_vn_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
+    return (_fused_vn_kernel and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            and _backend.state.forced in (None, "cpp"))
+
+
+def vn_layer(p: torch.Tensor, d: torch.Tensor, norm: "MaskedBatchNorm", mask: Optional[torch.Tensor],
+             negative_slope: float, p_centre: Optional[torch.Tensor] = None, d_centre: Optional[torch.Tensor] = None,
+             neighbours: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Vector batch norm and VN leaky ReLU in one kernel (``lps_fast::vn_layer``), and with
+    ``neighbours``/``pool`` the max-pool of a kNN edge convolution, on linear maps computed by
+    the caller. ``p (N, n, 3, C)``, ``d (N, n, 3, D)`` (D = 1 or C), ``mask (N, n)`` bool.
+
+    Entry ``(b, i)`` (or ``(b, i, k)`` with ``neighbours (N, n, K)``) holds
+    ``p[b, j] + p_centre[b, i]`` and ``d[b, j] + d_centre[b, i]`` with ``j = neighbours[b, i, k]``
+    (``j = i`` without neighbours). ``norm`` supplies the affine parameters and running
+    statistics (updated here in training mode, over the real nodes' entries). With pooling,
+    each node keeps per channel the entry of largest projection on ``pool @ out`` and padded
+    nodes are 0: the same values as :class:`VNLinearLeakyReLU` on ``[v_j - v_i, v_i]`` followed by
+    :class:`VNMaxPool`.
+    """
+    training = norm.training
+    out, _, stats = torch.ops.lps_fast.vn_layer(
+        p, d, p_centre, d_centre, neighbours, pool, mask, norm.weight.to(p.dtype), norm.bias.to(p.dtype),
+        None if training else norm.running_mean.to(p.dtype), None if training else norm.running_var.to(p.dtype),
+        norm.eps, negative_slope)
+    if training:
+        nodes = p.shape[0] * p.shape[1] if mask is None else mask.sum()
+        count = torch.as_tensor(nodes * (1 if neighbours is None else neighbours.shape[2]), dtype=p.dtype)
+        norm.update_running(stats[0], stats[1], count)
+    return out
+
+
 class VNBatchNorm(nn.Module):
     """Vector batch norm: each 3-vector keeps its direction and its norm is batch-normalised.
     ``v (..., 3, C)``; ``mask`` selects the entries of the statistics (broadcast from the left)."""
@@ -369,7 +424,7 @@ class VNBatchNorm(nn.Module):
         self.norm = MaskedBatchNorm(channels)
 
     def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        length = (v * v).sum(dim=-2).sqrt() + _VN_EPS  # [..., C] (norm() over a middle dim is slow)
+        length = _safe_length(v) + _VN_EPS  # [..., C]
         return v * (self.norm(length, mask) / length).unsqueeze(-2)
 
 
@@ -387,6 +442,14 @@ class VNLinearLeakyReLU(nn.Module):
         self.negative_slope = negative_slope
 
     def forward(self, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if fused_vn_available(v) and v.dim() >= 3:
+            leading = v.shape[:-2]
+            rows = v.reshape(-1, 1, *v.shape[-2:])
+            flat_mask = None if mask is None else _broadcast_mask(mask, v.shape[:-1])[..., 0].reshape(-1, 1).bool()
+            both = torch.matmul(rows, torch.cat([self.linear.weight, self.direction.weight]).t())
+            p, d = both.split([self.linear.out_features, self.direction.out_features], dim=-1)
+            out = vn_layer(p, d, self.norm.norm, flat_mask, self.negative_slope)
+            return out.reshape(*leading, *out.shape[-2:])
         p = self.norm(self.linear(v), mask)
         d = self.direction(v)
         dot = (p * d).sum(-2, keepdim=True)
@@ -500,6 +563,16 @@ class VNDGCNN(nn.Module):
 
     def _edge_conv(self, v, mask, conv, pool):
         neighbours = knn_neighbours(v, self.neighbours, mask)
+        if fused_vn_available(v):
+            # linear([v_j - v_i, v_i]) = W1 v_j + (W2 - W1) v_i: one matmul over the nodes, not the edges
+            channels, out_channels = v.shape[-1], conv.linear.out_features
+            w, wd = conv.linear.weight, conv.direction.weight
+            stacked = torch.cat([w[:, :channels], w[:, channels:] - w[:, :channels],
+                                 wd[:, :channels], wd[:, channels:] - wd[:, :channels]])
+            p, p_centre, d, d_centre = torch.matmul(v, stacked.t()).split(
+                [out_channels, out_channels, wd.shape[0], wd.shape[0]], dim=-1)
+            return vn_layer(p, d, conv.norm.norm, mask, conv.negative_slope, p_centre, d_centre, neighbours,
+                            pool.direction.weight)
         features = edge_features(v, neighbours)  # [N, n, k, 3, 2C]
         valid = None if mask is None else mask[:, :, None].expand(neighbours.shape)
         return _mask_vectors(pool(conv(features, valid), dim=2, valid=valid), mask)
@@ -516,17 +589,23 @@ class VNDGCNN(nn.Module):
         context = _masked_node_mean(x, mask, node_dim=1)[:, None].expand_as(x)
         x = torch.cat([x, context], dim=-1)  # [N, n, 3, 2C]
         local = self.std_frame(self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
-        invariant = torch.matmul(x.transpose(-1, -2), local)  # [N, n, 2C, 3]: coordinates in that frame
-        pair_invariant = torch.matmul(x12.transpose(-1, -2), local)
+        # coordinates of x in that frame, [N, n, 2C, 3] (three broadcasts: a batched 3 x 3 matmul
+        # per node is much slower)
+        invariant = sum(x[..., a, :, None] * local[..., a, None, :] for a in range(3))
         pooled = invariant.flatten(-2)
         if mask is not None:
             pooled = pooled.masked_fill(~mask[..., None], float("-inf"))
-        pooled = pooled.max(dim=1, keepdim=True).values.expand(-1, x.shape[1], -1)
-        scores = self.score_head(torch.cat([pooled, pair_invariant.flatten(-2)], dim=-1))[..., 0]
+        pooled = pooled.max(dim=1).values  # [N, 3 * 2C]
+        # score_head on [pooled, coordinates of x12 in the local frame]: the second part is linear
+        # in those coordinates, so it is applied to x12 first (one matmul, no per-node products).
+        weight = self.score_head.weight[0]
+        head_pooled, head_pair = weight[:pooled.shape[-1]], weight[pooled.shape[-1]:].reshape(x12.shape[-1], 3)
+        pair_term = (torch.matmul(x12, head_pair) * local).sum(dim=(-1, -2))  # [N, n]
+        scores = pair_term + torch.matmul(pooled, head_pooled)[:, None] + self.score_head.bias[0]
         if mask is not None:
             scores = scores * mask.to(scores.dtype)
         return frame, scores
 
 
-__all__ = ["make_mlp", "DenseGIN", "VNLinear", "VNLeakyReLU", "VectorNeuronNet", "MaskedBatchNorm", "BatchNormGIN",
+__all__ = ["make_mlp", "vn_layer", "fused_vn_available", "DenseGIN", "VNLinear", "VNLeakyReLU", "VectorNeuronNet", "MaskedBatchNorm", "BatchNormGIN",
            "VNBatchNorm", "VNLinearLeakyReLU", "VNMaxPool", "VNDGCNN", "knn_neighbours"]

@@ -1,0 +1,594 @@
+// CPU kernels of vn_layer. An entry is a node (per-node layer) or a (node, neighbour) pair (edge
+// convolution); each holds C 3-vectors p and directions d. The forward pass reads p and d of
+// every entry straight from the per-node inputs (p[b, j] + p_centre[b, i]), so the (N, n, K, 3, C)
+// edge tensors of the composed formulation never exist; the backward pass recomputes them.
+//
+// Per channel, with l = |p| + 1e-6 and batch-norm statistics over the entries of real nodes:
+//   y = (l - mean) * invstd * weight + bias,   q = p * y / l,
+//   out = q - (1 - slope) * min(q.d, 0) / (d.d + 1e-6) * d
+// and an edge convolution keeps, per node and channel, the neighbour whose out has the largest
+// projection on pool @ out. Sums over entries are accumulated in double, in a fixed chunking of
+// the batch, so results do not depend on the thread count.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+
+#include "cpu/vn_layer_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lps_fast {
+namespace cpu {
+namespace {
+
+constexpr double kVectorEps = 1e-6;  // added to vector lengths and squared direction lengths
+constexpr int64_t kMaxChunks = 64;   // fixed reduction chunks: deterministic sums
+
+// dst[0:count] = src[0:count] and dst[0:count] += src[0:count] for a runtime channel count: the
+// per-entry rows are short (tens of channels), where a plain loop spends more time in its scalar
+// tail and alias checks than in the work. With AVX-512, whole vectors and one masked tail.
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) dst[c] = src[c];
+}
+template <typename T>
+inline void add_row(T* dst, const T* src, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) dst[c] += src[c];
+}
+#if defined(__AVX512F__)
+template <>
+inline void copy_row<float>(float* dst, const float* src, int64_t count) {
+  int64_t c = 0;
+  for (; c + 16 <= count; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
+  if (c < count) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (count - c)) - 1);
+    _mm512_mask_storeu_ps(dst + c, tail, _mm512_maskz_loadu_ps(tail, src + c));
+  }
+}
+template <>
+inline void add_row<float>(float* dst, const float* src, int64_t count) {
+  int64_t c = 0;
+  for (; c + 16 <= count; c += 16)
+    _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(dst + c), _mm512_loadu_ps(src + c)));
+  if (c < count) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (count - c)) - 1);
+    _mm512_mask_storeu_ps(dst + c, tail,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(tail, dst + c), _mm512_maskz_loadu_ps(tail, src + c)));
+  }
+}
+template <>
+inline void copy_row<double>(double* dst, const double* src, int64_t count) {
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8) _mm512_storeu_pd(dst + c, _mm512_loadu_pd(src + c));
+  if (c < count) {
+    const __mmask8 tail = static_cast<__mmask8>((1u << (count - c)) - 1);
+    _mm512_mask_storeu_pd(dst + c, tail, _mm512_maskz_loadu_pd(tail, src + c));
+  }
+}
+template <>
+inline void add_row<double>(double* dst, const double* src, int64_t count) {
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8)
+    _mm512_storeu_pd(dst + c, _mm512_add_pd(_mm512_loadu_pd(dst + c), _mm512_loadu_pd(src + c)));
+  if (c < count) {
+    const __mmask8 tail = static_cast<__mmask8>((1u << (count - c)) - 1);
+    _mm512_mask_storeu_pd(dst + c, tail,
+                          _mm512_add_pd(_mm512_maskz_loadu_pd(tail, dst + c), _mm512_maskz_loadu_pd(tail, src + c)));
+  }
+}
+#endif
+
+// A (N, n, 3, C) tensor whose last dim has stride 1.
+template <typename T>
+struct Vectors {
+  const T* data = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, channels = 0;
+  Vectors() = default;
+  explicit Vectors(const at::Tensor& t)
+      : data(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), channels(t.size(3)) {}
+  explicit operator bool() const { return data != nullptr; }
+  const T* at(int64_t b, int64_t i, int64_t a) const { return data + b * s0 + i * s1 + a * s2; }
+};
+
+// The entries' p and d (3 rows of stride L, row a = coordinate) of node i reading node j. The
+// buffers' lanes past C are never written here (they stay zero), except a shared direction's.
+template <typename T, typename acc_t>
+struct EntryReader {
+  static_assert(std::is_same_v<T, acc_t>, "the kernels compute in the input dtype");
+  Vectors<T> p, d, p_centre, d_centre;
+  int64_t C, D, L;  // channels, direction channels, row stride of the entry buffers
+  void read_p(int64_t b, int64_t i, int64_t j, T* pv) const {
+    for (int a = 0; a < 3; ++a) {
+      copy_row(pv + a * L, p.at(b, j, a), C);
+      if (p_centre) add_row(pv + a * L, p_centre.at(b, i, a), C);
+    }
+  }
+  void read(int64_t b, int64_t i, int64_t j, T* pv, T* dv) const {
+    read_p(b, i, j, pv);
+    for (int a = 0; a < 3; ++a) {
+      T* ddst = dv + a * L;
+      if (D == 1) {  // a shared direction, repeated over the lanes
+        T shared = d.at(b, j, a)[0];
+        if (d_centre) shared += d_centre.at(b, i, a)[0];
+        for (int64_t c = 0; c < L; ++c) ddst[c] = shared;
+        continue;
+      }
+      copy_row(ddst, d.at(b, j, a), C);
+      if (d_centre) add_row(ddst, d_centre.at(b, i, a), C);
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t vector_length(const acc_t* pv, int64_t L, int64_t c) {
+  const acc_t x = pv[c], y = pv[L + c], z = pv[2 * L + c];
+  return std::sqrt(x * x + y * y + z * z);
+}
+
+// The forward of one entry, all channels: o (3 x C) from p and d (3 x C each), with
+// y = l * scale + shift. Branch-free so that the channel loop vectorizes.
+template <typename acc_t>
+inline void entry_forward(const acc_t* __restrict__ pv, const acc_t* __restrict__ dv, const acc_t* scale,
+                          const acc_t* shift, acc_t keep, int64_t L, acc_t* __restrict__ o) {
+  const acc_t veps = static_cast<acc_t>(kVectorEps);
+#pragma GCC ivdep
+  for (int64_t c = 0; c < L; ++c) {
+    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
+    const acc_t dx = dv[c], dy = dv[L + c], dz = dv[2 * L + c];
+    const acc_t l = std::sqrt(px * px + py * py + pz * pz) + veps;
+    const acc_t ratio = scale[c] + shift[c] / l;  // (l * scale + shift) / l
+    const acc_t qx = px * ratio, qy = py * ratio, qz = pz * ratio;
+    const acc_t dot = qx * dx + qy * dy + qz * dz;
+    const acc_t dd = dx * dx + dy * dy + dz * dz + veps;
+    const acc_t shrink = (dot < 0 ? keep : acc_t(0)) * dot / dd;  // a select, not a branch
+    o[c] = qx - shrink * dx;
+    o[L + c] = qy - shrink * dy;
+    o[2 * L + c] = qz - shrink * dz;
+  }
+}
+
+// score[c] = o[:, c] . (pool @ o)[:, c] for one entry (o: 3 rows of stride L), with pool
+// transposed and zero-padded to L columns (pool_t[e * L + c] = pool[c, e]). kVectors (L / lanes
+// of a 64-byte vector) fixed at compile time keeps the 3 x L accumulators in registers and shares
+// each load of pool_t between the three coordinates; 0 is the plain loop.
+template <int kVectors, typename acc_t>
+inline void pool_scores(const acc_t* o, const acc_t* pool_t, int64_t C, int64_t L, acc_t* score) {
+  if constexpr (kVectors > 0) {
+    typedef acc_t vec __attribute__((vector_size(64)));
+    constexpr int kLanes = 64 / sizeof(acc_t);
+    vec acc[3][kVectors];
+    for (int a = 0; a < 3; ++a)
+      for (int v = 0; v < kVectors; ++v) acc[a][v] = vec{} * acc_t(0);
+    for (int64_t e = 0; e < C; ++e) {
+      const acc_t* column = pool_t + e * L;
+      const acc_t o0 = o[e], o1 = o[L + e], o2 = o[2 * L + e];
+      for (int v = 0; v < kVectors; ++v) {
+        vec w;
+        std::memcpy(&w, column + v * kLanes, sizeof(vec));
+        acc[0][v] += w * o0;
+        acc[1][v] += w * o1;
+        acc[2][v] += w * o2;
+      }
+    }
+    acc_t direction[3][kVectors * kLanes];
+    for (int a = 0; a < 3; ++a)
+      for (int v = 0; v < kVectors; ++v) std::memcpy(direction[a] + v * kLanes, &acc[a][v], sizeof(vec));
+    for (int64_t c = 0; c < C; ++c)
+      score[c] = o[c] * direction[0][c] + o[L + c] * direction[1][c] + o[2 * L + c] * direction[2][c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) score[c] = 0;
+    for (int a = 0; a < 3; ++a) {
+      const acc_t* oa = o + a * L;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t direction = 0;
+        for (int64_t e = 0; e < C; ++e) direction += pool_t[e * L + c] * oa[e];
+        score[c] += oa[c] * direction;
+      }
+    }
+  }
+}
+
+// Batch-norm and affine constants of the backward pass, per channel.
+template <typename acc_t>
+struct BackwardConstants {
+  const acc_t *mean, *invstd, *gamma, *beta;
+  const acc_t *mean_gx, *mean_gxx;  // (1/m) sum gxhat and (1/m) sum gxhat * xhat (zero: not in the stats)
+  acc_t keep;
+};
+
+// The backward of one entry, all L lanes, for the upstream gradient gout (3 x L; zero in the
+// channels that receive none). Every lane computes the same straight-line code (selects, no
+// branches) so that the loop vectorizes. With kFull false only gy (the gradient reaching the
+// batch-norm output) and xhat are written; with kFull also the gradients of p and d, including
+// the batch statistics' terms from k.mean_gx / k.mean_gxx.
+template <bool kFull, typename acc_t>
+inline void entry_backward(const acc_t* pv, const acc_t* dv, const acc_t* gout, const BackwardConstants<acc_t>& k,
+                           int64_t L, acc_t* __restrict__ gy_out, acc_t* __restrict__ xhat_out, acc_t* __restrict__ gp,
+                           acc_t* __restrict__ gd) {
+  const acc_t veps = static_cast<acc_t>(kVectorEps);
+  const acc_t keep = k.keep;
+#pragma GCC ivdep
+  for (int64_t c = 0; c < L; ++c) {
+    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
+    const acc_t dx = dv[c], dy = dv[L + c], dz = dv[2 * L + c];
+    const acc_t gx = gout[c], gyv = gout[L + c], gz = gout[2 * L + c];
+    const acc_t norm = std::sqrt(px * px + py * py + pz * pz);
+    const acc_t l = norm + veps;
+    const acc_t inv_l = acc_t(1) / l;
+    const acc_t xhat = (l - k.mean[c]) * k.invstd[c];
+    const acc_t y = xhat * k.gamma[c] + k.beta[c];
+    const acc_t ratio = y * inv_l;
+    const acc_t qx = px * ratio, qy = py * ratio, qz = pz * ratio;
+    const acc_t dot = qx * dx + qy * dy + qz * dz;
+    const acc_t inv_dd = acc_t(1) / (dx * dx + dy * dy + dz * dz + veps);
+    const acc_t gdot = gx * dx + gyv * dy + gz * dz;
+    // out = q - keep * (q.d) d / dd where q.d < 0
+    const acc_t bent = dot < 0 ? keep : acc_t(0);
+    const acc_t along = bent * gdot * inv_dd;
+    const acc_t gqx = gx - along * dx, gqy = gyv - along * dy, gqz = gz - along * dz;
+    const acc_t gqp = gqx * px + gqy * py + gqz * pz;
+    const acc_t gy = gqp * inv_l;
+    gy_out[c] = gy;
+    xhat_out[c] = xhat;
+    if constexpr (kFull) {
+      const acc_t a1 = -bent * dot * inv_dd;  // coefficient of gout
+      const acc_t a2 = -along;  // of q
+      const acc_t a3 = 2 * bent * dot * gdot * inv_dd * inv_dd;  // of d
+      gd[c] = a1 * gx + a2 * qx + a3 * dx;
+      gd[L + c] = a1 * gyv + a2 * qy + a3 * dy;
+      gd[2 * L + c] = a1 * gz + a2 * qz + a3 * dz;
+      const acc_t gl = -gy * ratio + k.invstd[c] * (k.gamma[c] * gy - k.mean_gx[c] - xhat * k.mean_gxx[c]);
+      // d l / d p = p / |p|, zero at p = 0
+      const acc_t scale = norm > 0 ? gl / std::max(norm, std::numeric_limits<acc_t>::min()) : acc_t(0);
+      gp[c] = gqx * ratio + scale * px;
+      gp[L + c] = gqy * ratio + scale * py;
+      gp[2 * L + c] = gqz * ratio + scale * pz;
+    }
+  }
+}
+
+struct Shape {
+  int64_t N, n, K, C, D;
+  bool edges;
+};
+
+// Entry buffers hold each coordinate's channels padded to a multiple of 16 lanes, so that the
+// channel loops run whole vectors (the padding lanes compute on zeros and are never read).
+inline int64_t lanes(int64_t C) { return (C + 15) / 16 * 16; }
+
+// Chunks of the batch for the reductions, and the rows of their partial sums.
+inline int64_t chunk_count(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(N, kMaxChunks)); }
+inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t N) { return chunk * N / chunks; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
+    const at::Tensor& p, const at::Tensor& d, const c10::optional<at::Tensor>& p_centre,
+    const c10::optional<at::Tensor>& d_centre, const c10::optional<at::Tensor>& neighbours,
+    const c10::optional<at::Tensor>& pool, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const at::Tensor& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double eps, double slope) {
+  const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
+                neighbours.has_value()};
+  const bool training = !running_mean.has_value();
+  at::Tensor out = at::empty(p.sizes(), p.options());
+  at::Tensor selected = s.edges ? at::zeros({s.N, s.n, s.C}, p.options().dtype(at::kLong))
+                                : at::empty({0}, p.options().dtype(at::kLong));
+  at::Tensor stats = at::empty({2, s.C}, p.options());
+  if (s.C == 0) return {out, selected, stats};
+
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "vn_layer_cpu", [&] {
+    using acc_t = scalar_t;
+    const int64_t C = s.C, D = s.D, K = s.K, n = s.n, L = lanes(C);
+    const EntryReader<scalar_t, acc_t> reader{
+        Vectors<scalar_t>(p), Vectors<scalar_t>(d),
+        p_centre.has_value() ? Vectors<scalar_t>(*p_centre) : Vectors<scalar_t>(),
+        d_centre.has_value() ? Vectors<scalar_t>(*d_centre) : Vectors<scalar_t>(), C, D, L};
+    const int64_t* nbr = s.edges ? neighbours->const_data_ptr<int64_t>() : nullptr;
+    const bool* valid = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+    auto neighbour = [&](int64_t b, int64_t i, int64_t k) { return nbr ? nbr[(b * n + i) * K + k] : i; };
+
+    // Statistics: the batch's (training) or the running ones.
+    std::vector<double> mean(C), invstd(C), var(C);
+    if (training) {
+      const int64_t chunks = chunk_count(s.N);
+      std::vector<double> partial(chunks * 2 * C, 0.0), count(chunks, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0));
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          double* sum = partial.data() + chunk * 2 * C;
+          double* squares = sum + C;
+          for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
+            for (int64_t i = 0; i < n; ++i) {
+              if (valid && !valid[b * n + i]) continue;
+              count[chunk] += K;
+              for (int64_t k = 0; k < K; ++k) {
+                reader.read_p(b, i, neighbour(b, i, k), pv.data());
+                for (int64_t c = 0; c < C; ++c) {
+                  const double l = static_cast<double>(vector_length(pv.data(), L, c)) + kVectorEps;
+                  sum[c] += l;
+                  squares[c] += l * l;
+                }
+              }
+            }
+          }
+        }
+      });
+      double total = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) total += count[chunk];
+      const double denominator = std::max(total, 1.0);
+      for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, squares = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          sum += partial[chunk * 2 * C + c];
+          squares += partial[chunk * 2 * C + C + c];
+        }
+        mean[c] = sum / denominator;
+        var[c] = std::max(squares / denominator - mean[c] * mean[c], 0.0);
+      }
+    } else {
+      const at::Tensor rm = running_mean->to(at::kDouble).contiguous(), rv = running_var->to(at::kDouble).contiguous();
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = rm.const_data_ptr<double>()[c];
+        var[c] = rv.const_data_ptr<double>()[c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    scalar_t* stats_out = stats.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      stats_out[c] = static_cast<scalar_t>(mean[c]);
+      stats_out[C + c] = static_cast<scalar_t>(var[c]);
+    }
+
+    const at::Tensor w = weight.contiguous(), bb = bias.contiguous();
+    const scalar_t* gamma = w.const_data_ptr<scalar_t>();
+    const scalar_t* beta = bb.const_data_ptr<scalar_t>();
+
+    // pool transposed and zero-padded to a multiple of 16 columns (see pool_scores)
+    std::vector<acc_t> pool_t(s.edges ? C * L : 0, acc_t(0));
+    if (s.edges) {
+      const at::Tensor pool_c = pool->contiguous();
+      const scalar_t* w_src = pool_c.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t e = 0; e < C; ++e) pool_t[e * L + c] = static_cast<acc_t>(w_src[c * C + e]);
+    }
+    constexpr int64_t kLanes = 64 / sizeof(acc_t);
+    auto scores_of = [&](const acc_t* o, acc_t* score) {
+      switch (L / kLanes) {
+        case 1: return pool_scores<1>(o, pool_t.data(), C, L, score);
+        case 2: return pool_scores<2>(o, pool_t.data(), C, L, score);
+        case 3: return pool_scores<3>(o, pool_t.data(), C, L, score);
+        case 4: return pool_scores<4>(o, pool_t.data(), C, L, score);
+        default: return pool_scores<0>(o, pool_t.data(), C, L, score);
+      }
+    };
+    scalar_t* target = out.mutable_data_ptr<scalar_t>();
+    int64_t* chosen = s.edges ? selected.mutable_data_ptr<int64_t>() : nullptr;
+    const acc_t keep = static_cast<acc_t>(1.0 - slope);
+    std::vector<acc_t> scale(L, acc_t(0)), shift(L, acc_t(0));
+    for (int64_t c = 0; c < C; ++c) {  // y = l * scale + shift
+      scale[c] = static_cast<acc_t>(invstd[c] * static_cast<double>(gamma[c]));
+      shift[c] = static_cast<acc_t>(static_cast<double>(beta[c]) - mean[c] * invstd[c] * static_cast<double>(gamma[c]));
+    }
+
+    at::parallel_for(0, s.N * n, std::max<int64_t>(1, 4096 / (K * C + 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), o(3 * L), kept(3 * L), score(C), best(C);
+      std::vector<int64_t> which(C);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / n, i = row % n;
+        scalar_t* dst = target + row * 3 * C;
+        if (s.edges && valid && !valid[row]) {  // padded nodes: zero output
+          std::fill(dst, dst + 3 * C, scalar_t(0));
+          continue;
+        }
+        if (!s.edges) {
+          reader.read(b, i, i, pv.data(), dv.data());
+          entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, o.data());
+          for (int a = 0; a < 3; ++a) copy_row(dst + a * C, o.data() + a * L, C);
+          continue;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
+          entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, k == 0 ? kept.data() : o.data());
+          if (k == 0) {
+            scores_of(kept.data(), best.data());
+            std::fill(which.begin(), which.end(), int64_t(0));
+            continue;
+          }
+          scores_of(o.data(), score.data());
+          for (int64_t c = 0; c < C; ++c) {  // strictly larger: the first of equal maxima, as argmax
+            const bool better = score[c] > best[c];
+            best[c] = better ? score[c] : best[c];
+            which[c] = better ? k : which[c];
+            kept[c] = better ? o[c] : kept[c];
+            kept[L + c] = better ? o[L + c] : kept[L + c];
+            kept[2 * L + c] = better ? o[2 * L + c] : kept[2 * L + c];
+          }
+        }
+        for (int a = 0; a < 3; ++a) copy_row(dst + a * C, kept.data() + a * L, C);
+        std::copy(which.begin(), which.end(), chosen + row * C);
+      }
+    });
+  });
+  return {out, selected, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vn_layer_backward(
+    const at::Tensor& grad, const at::Tensor& p, const at::Tensor& d, const c10::optional<at::Tensor>& p_centre,
+    const c10::optional<at::Tensor>& d_centre, const c10::optional<at::Tensor>& neighbours,
+    const at::Tensor& selected, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& stats, bool training, double eps, double slope) {
+  const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
+                neighbours.has_value()};
+  at::Tensor grad_p = at::zeros(p.sizes(), p.options());
+  at::Tensor grad_d = at::zeros(d.sizes(), d.options());
+  at::Tensor grad_pc = p_centre.has_value() ? at::zeros(p.sizes(), p.options()) : at::empty({0}, p.options());
+  at::Tensor grad_dc = d_centre.has_value() ? at::zeros(d.sizes(), d.options()) : at::empty({0}, d.options());
+  at::Tensor grad_weight = at::zeros({s.C}, weight.options());
+  at::Tensor grad_bias = at::zeros({s.C}, bias.options());
+  if (s.C == 0 || s.N * s.n == 0) return {grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias};
+
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "vn_layer_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const int64_t C = s.C, D = s.D, K = s.K, n = s.n, L = lanes(C);
+    const EntryReader<scalar_t, acc_t> reader{
+        Vectors<scalar_t>(p), Vectors<scalar_t>(d),
+        p_centre.has_value() ? Vectors<scalar_t>(*p_centre) : Vectors<scalar_t>(),
+        d_centre.has_value() ? Vectors<scalar_t>(*d_centre) : Vectors<scalar_t>(), C, D, L};
+    const int64_t* nbr = s.edges ? neighbours->const_data_ptr<int64_t>() : nullptr;
+    const int64_t* chosen = s.edges ? selected.const_data_ptr<int64_t>() : nullptr;
+    const bool* valid = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+    auto neighbour = [&](int64_t b, int64_t i, int64_t k) { return nbr ? nbr[(b * n + i) * K + k] : i; };
+    const at::Tensor g = grad.contiguous(), st = stats.contiguous();
+    const scalar_t* upstream = g.const_data_ptr<scalar_t>();
+    std::vector<acc_t> mean(L, 0), invstd(L, 0), gamma(L, 0), beta(L, 0), mean_gx(L, 0), mean_gxx(L, 0), no_stats(L, 0);
+    {
+      const at::Tensor w = weight.contiguous(), bb = bias.contiguous();
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = static_cast<acc_t>(st.const_data_ptr<scalar_t>()[c]);
+        invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(st.const_data_ptr<scalar_t>()[C + c]) + eps));
+        gamma[c] = static_cast<acc_t>(w.const_data_ptr<scalar_t>()[c]);
+        beta[c] = static_cast<acc_t>(bb.const_data_ptr<scalar_t>()[c]);
+      }
+    }
+    const acc_t keep = static_cast<acc_t>(1.0 - slope);
+    // An edge convolution's padded nodes output zero (no gradient), and are outside the stats.
+    auto skipped = [&](int64_t row) { return s.edges && valid && !valid[row]; };
+    // The upstream gradient of entry (row, k): the node's, in the channels that selected k.
+    // Returns false when no channel did.
+    auto gather_upstream = [&](int64_t row, int64_t k, acc_t* gout) {
+      const scalar_t* src = upstream + row * 3 * C;
+      if (!chosen) {
+        for (int a = 0; a < 3; ++a) copy_row(gout + a * L, src + a * C, C);
+        return true;
+      }
+      const int64_t* pick = chosen + row * C;
+      int64_t hits = 0;
+      for (int64_t c = 0; c < C; ++c) hits += pick[c] == k;
+      if (hits == 0) {
+        std::fill(gout, gout + 3 * L, acc_t(0));
+        return false;
+      }
+      for (int a = 0; a < 3; ++a)
+        for (int64_t c = 0; c < C; ++c) gout[a * L + c] = pick[c] == k ? static_cast<acc_t>(src[a * C + c]) : acc_t(0);
+      return true;
+    };
+
+    // Pass 1: per channel sums of g_y and g_y * xhat (the entries without upstream gradient
+    // contribute zero), for the affine gradients and the batch statistics' terms.
+    const int64_t chunks = chunk_count(s.N);
+    std::vector<double> partial(chunks * 2 * C, 0.0);
+    const BackwardConstants<acc_t> plain{mean.data(), invstd.data(), gamma.data(), beta.data(),
+                                         no_stats.data(), no_stats.data(), keep};
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        double* sum_gy = partial.data() + chunk * 2 * C;
+        double* sum_gyx = sum_gy + C;
+        for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t row = b * n + i;
+            if (skipped(row)) continue;
+            for (int64_t k = 0; k < K; ++k) {
+              if (!gather_upstream(row, k, gout.data())) continue;
+              reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
+              entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
+                             static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+              for (int64_t c = 0; c < C; ++c) {
+                sum_gy[c] += gy[c];
+                sum_gyx[c] += gy[c] * xhat[c];
+              }
+            }
+          }
+        }
+      }
+    });
+    {
+      double count = 0.0;
+      for (int64_t row = 0; row < s.N * n; ++row) count += (!valid || valid[row]) ? K : 0;
+      const double denominator = std::max(count, 1.0);
+      scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        double sum_gy = 0.0, sum_gyx = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          sum_gy += partial[chunk * 2 * C + c];
+          sum_gyx += partial[chunk * 2 * C + C + c];
+        }
+        gw[c] = static_cast<scalar_t>(sum_gyx);
+        gb[c] = static_cast<scalar_t>(sum_gy);
+        if (training) {
+          mean_gx[c] = static_cast<acc_t>(sum_gy * static_cast<double>(gamma[c]) / denominator);
+          mean_gxx[c] = static_cast<acc_t>(sum_gyx * static_cast<double>(gamma[c]) / denominator);
+        }
+      }
+    }
+
+    // Pass 2: every entry's gradient of p (through l and, for the entries inside the batch
+    // statistics, through them) and of d, scattered to the node read and to the centre node.
+    // Chunks are whole graphs, so the scatter never crosses threads.
+    const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
+                                              mean_gx.data(), mean_gxx.data(), keep};
+    scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
+    scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
+    scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L), gpe(3 * L),
+          gde(3 * L);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t row = b * n + i;
+          if (skipped(row)) continue;
+          const bool in_stats = !valid || valid[row];
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t j = neighbour(b, i, k);
+            const bool any = gather_upstream(row, k, gout.data());
+            reader.read(b, i, j, pv.data(), dv.data());
+            entry_backward<true>(pv.data(), dv.data(), gout.data(), in_stats ? with_stats : plain, L, gy.data(),
+                           xhat.data(), gpe.data(), gde.data());
+            for (int a = 0; a < 3; ++a) {
+              const acc_t* from = gpe.data() + a * L;
+              scalar_t* to = gp + ((b * n + j) * 3 + a) * C;
+              add_row(to, from, C);
+              if (gpc) {
+                scalar_t* to_centre = gpc + ((b * n + i) * 3 + a) * C;
+                add_row(to_centre, from, C);
+              }
+              if (!any) continue;  // no upstream gradient: none for d either
+              const acc_t* dfrom = gde.data() + a * L;
+              acc_t shared = 0;
+              if (D == 1)
+                for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
+              scalar_t* to_d = gd + ((b * n + j) * 3 + a) * D;
+              scalar_t* to_dc = gdc ? gdc + ((b * n + i) * 3 + a) * D : nullptr;
+              if (D == 1) {
+                to_d[0] += static_cast<scalar_t>(shared);
+                if (to_dc) to_dc[0] += static_cast<scalar_t>(shared);
+              } else {
+                add_row(to_d, dfrom, C);
+                if (to_dc) add_row(to_dc, dfrom, C);
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+  return {grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias};
+}
+
+}  // namespace cpu
+}  // namespace lps_fast

@@ -1,0 +1,225 @@
+"""The fused vector-neuron layer (``lps_fast::vn_layer``, compiled CPU kernel) against the
+composed PyTorch formulation of the same layers, which is what runs under the reference backend
+and on devices without the kernel."""
+
+import copy
+
+import pytest
+import torch
+
+import lps_fast
+from lps_fast.nn import VNDGCNN, MaskedBatchNorm, VNLinearLeakyReLU, fused_vn_available, vn_layer
+
+pytestmark = pytest.mark.skipif(
+    not fused_vn_available(torch.zeros(1)), reason="the compiled CPU extension is not loaded"
+)
+
+
+def _padded_points(dtype, masked, batch=6, n=7, channels=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 3, channels, generator=gen, dtype=dtype)
+    if not masked:
+        return x, None
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[3, 2:] = False
+    mask[4, 1:] = False  # a graph of one node
+    return x * mask[..., None, None], mask
+
+
+def _randomise_running_stats(net):
+    gen = torch.Generator().manual_seed(3)
+    for module in net.modules():
+        if isinstance(module, MaskedBatchNorm):
+            module.running_mean.uniform_(0.0, 1.0, generator=gen)
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def _run(net, x, mask, backend):
+    """Outputs, input gradient, parameter gradients and buffers after one forward + backward."""
+    net = copy.deepcopy(net)
+    gen = torch.Generator().manual_seed(1)
+    with lps_fast.use_backend(backend):
+        x = x.clone().requires_grad_(True)
+        frame, scores = net(x, mask)
+        loss = (frame * torch.randn(frame.shape, generator=gen, dtype=frame.dtype)).sum()
+        if scores is not None:
+            loss = loss + (scores * torch.randn(scores.shape, generator=gen, dtype=scores.dtype)).sum()
+        loss.backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return frame, scores, x.grad, grads, buffers
+
+
+def _assert_agree(fused, reference, dtype, what):
+    """float64: elementwise; float32: relative to the tensor's scale (a gradient summed over many
+    entries rounds differently in a different summation order)."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(fused, reference, atol=1e-10, rtol=1e-9, msg=lambda m: f"{what}: {m}")
+        return
+    error = float((fused - reference).abs().max().detach())
+    scale = float(reference.abs().max().detach())
+    assert error <= 1e-4 * scale + 1e-6, f"{what}: max error {error:.3g} at scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("scores", [True, False])
+def test_vn_dgcnn_fused_matches_the_composed_layers(dtype, training, masked, scores):
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=30, neighbours=4, dropout=0.0, scores=scores).to(dtype).train(training)
+    if not training:
+        _randomise_running_stats(net)
+    x, mask = _padded_points(dtype, masked)
+    reference = _run(net, x, mask, "reference")
+    fused = _run(net, x, mask, None)
+    _assert_agree(fused[0], reference[0], dtype, "frame")
+    if scores:
+        _assert_agree(fused[1], reference[1], dtype, "scores")
+    _assert_agree(fused[2], reference[2], dtype, "d/dpoints")
+    assert bool(torch.isfinite(fused[2]).all()), "padded (zero) vectors must not give NaN gradients"
+    for name, grad in reference[3].items():
+        if grad is None:  # the max-pool directions only select: no gradient on either path
+            assert fused[3][name] is None, name
+        else:
+            _assert_agree(fused[3][name], grad, dtype, f"d/d{name}")
+    for name, buffer in reference[4].items():
+        _assert_agree(fused[4][name], buffer, dtype, f"buffer {name}")
+
+
+@pytest.mark.parametrize("shared_direction", [False, True])
+def test_vn_linear_leaky_relu_with_leading_dims_and_a_broadcast_mask(shared_direction):
+    torch.manual_seed(0)
+    layer = VNLinearLeakyReLU(5, 4, shared_direction=shared_direction).double()
+    v = torch.randn(2, 3, 6, 3, 5, dtype=torch.float64)
+    mask = torch.rand(2, 3) > 0.3  # the leading dims, broadcast over the rest
+    results = []
+    for backend in ("reference", None):
+        copy_ = copy.deepcopy(layer)
+        x = v.clone().requires_grad_(True)
+        with lps_fast.use_backend(backend):
+            out = copy_(x, mask)
+            out.pow(2).sum().backward()
+        results.append((out, x.grad, copy_.linear.weight.grad, copy_.direction.weight.grad,
+                        copy_.norm.norm.running_var.clone()))
+    for fused, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, reference, atol=1e-10, rtol=1e-9)
+
+
+def _edge_args(dtype=torch.float64, masked=True, seed=0, channels=5, shared=False):
+    gen = torch.Generator().manual_seed(seed)
+    N, n, K, C = 3, 6, 3, channels
+    D = 1 if shared else C
+    p, pc = (torch.randn(N, n, 3, C, generator=gen, dtype=dtype) for _ in range(2))
+    d, dc = (torch.randn(N, n, 3, D, generator=gen, dtype=dtype) for _ in range(2))
+    neighbours = torch.rand(N, n, n, generator=gen).argsort(dim=-1)[..., :K]  # distinct: no tied scores
+    pool = torch.randn(C, C, generator=gen, dtype=dtype)
+    mask = torch.rand(N, n, generator=gen) > 0.3 if masked else None
+    weight = torch.rand(C, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(C, generator=gen, dtype=dtype)
+    return p, d, pc, dc, neighbours, pool, mask, weight, bias
+
+
+@pytest.mark.parametrize("mode", ["edges", "nodes"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+def test_vn_layer_gradcheck(mode, training, shared):
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
+    if mode == "nodes":
+        pc = dc = neighbours = pool = None
+    running = (None, None) if training else (torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
+    inputs = [t.requires_grad_(True) for t in (p, d, weight, bias)]
+    centres = [] if pc is None else [pc.requires_grad_(True), dc.requires_grad_(True)]
+
+    def f(p, d, weight, bias, *centre):
+        pc_, dc_ = centre if centre else (None, None)
+        out, _, _ = torch.ops.lps_fast.vn_layer(p, d, pc_, dc_, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2)
+        return out
+
+    assert torch.autograd.gradcheck(f, (*inputs, *centres), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["edges", "nodes"])
+def test_vn_layer_opcheck(mode):
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=torch.float32)
+    if mode == "nodes":
+        pc = dc = neighbours = pool = None
+    for t in (p, d, weight, bias) + (() if pc is None else (pc, dc)):
+        t.requires_grad_(True)
+    for running in ((None, None), (torch.zeros(5), torch.ones(5))):
+        torch.library.opcheck(torch.ops.lps_fast.vn_layer.default,
+                              (p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2))
+
+
+def test_vn_layer_reads_strided_column_blocks():
+    """The edge convolution passes column blocks of one matmul output, which are not contiguous."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args()
+    stacked = torch.cat([p, pc, d, dc], dim=-1)
+    views = stacked.split([5, 5, 5, 5], dim=-1)
+    assert not views[0].is_contiguous()
+    strided, _, _ = torch.ops.lps_fast.vn_layer(views[0], views[2], views[1], views[3], neighbours, pool, mask, weight,
+                                                bias, None, None, 1e-5, 0.2)
+    dense, _, _ = torch.ops.lps_fast.vn_layer(p, d, pc, dc, neighbours, pool, mask, weight, bias, None, None, 1e-5, 0.2)
+    torch.testing.assert_close(strided, dense, atol=0, rtol=0)
+
+
+def test_vn_layer_agrees_with_its_definition_on_one_entry():
+    """A direct transcription of the formula in lps_fast.nn.vn_layer, node by node."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(masked=False)
+    out, selected, stats = torch.ops.lps_fast.vn_layer(p, d, pc, dc, neighbours, pool, None, weight, bias, None, None,
+                                                       1e-5, 0.2)
+    rows = torch.arange(p.shape[0])[:, None, None]
+    pe, de = p[rows, neighbours] + pc[:, :, None], d[rows, neighbours] + dc[:, :, None]  # [N, n, K, 3, C]
+    length = pe.norm(dim=-2) + 1e-6
+    mean, var = length.mean(dim=(0, 1, 2)), length.var(dim=(0, 1, 2), unbiased=False)
+    torch.testing.assert_close(stats, torch.stack([mean, var]))
+    q = pe * (((length - mean) / torch.sqrt(var + 1e-5) * weight + bias) / length)[..., None, :]
+    dot = (q * de).sum(-2, keepdim=True)
+    o = q - 0.8 * torch.clamp(dot, max=0) / ((de * de).sum(-2, keepdim=True) + 1e-6) * de
+    score = (o * torch.einsum("ce,...ae->...ac", pool, o)).sum(-2)  # [N, n, K, C]
+    torch.testing.assert_close(selected, score.argmax(dim=2))
+    expected = torch.gather(o, 2, selected[:, :, None, None, :].expand(-1, -1, 1, 3, -1)).squeeze(2)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.__setitem__(0, a[0][..., :2, :]), ValueError, r"p must have shape \(N, n, 3, C\)"),
+        (lambda a: a.__setitem__(1, a[1][..., :2]), ValueError, r"d must have shape \(N, n, 3, 1\) or \(N, n, 3, C\)"),
+        (lambda a: a.__setitem__(4, a[4] + 100), ValueError, r"neighbours must lie in \[0, 6\)"),
+        (lambda a: a.__setitem__(4, a[4].int()), TypeError, r"neighbours must be int64"),
+        (lambda a: a.__setitem__(5, None), ValueError, r"neighbours and pool go together"),
+        (lambda a: a.__setitem__(6, a[6].float()), TypeError, r"mask must be a bool tensor"),
+        (lambda a: a.__setitem__(7, a[7][:2]), ValueError, r"weight must have shape \(C,\)"),
+        (lambda a: a.__setitem__(0, a[0].half()), TypeError, r"p must be float32 or float64"),
+    ],
+)
+def test_vn_layer_refuses_bad_arguments(change, error, match):
+    args = list(_edge_args())
+    change(args)
+    with pytest.raises(error, match=match):
+        torch.ops.lps_fast.vn_layer(*args, None, None, 1e-5, 0.2)
+
+
+def test_vn_layer_updates_the_running_statistics_over_real_entries():
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=torch.float32)
+    norm = MaskedBatchNorm(5)
+    vn_layer(p, d, norm, mask, 0.2, pc, dc, neighbours, pool)
+    rows = torch.arange(p.shape[0])[:, None, None]
+    length = (p[rows, neighbours] + pc[:, :, None]).norm(dim=-2) + 1e-6  # [N, n, K, C]
+    real = length[mask].reshape(-1, 5)  # [entries, C]
+    expected_var = 0.9 + 0.1 * real.var(dim=0, unbiased=True)
+    torch.testing.assert_close(norm.running_mean, 0.1 * real.mean(dim=0))
+    torch.testing.assert_close(norm.running_var, expected_var)
+
+
+def test_vn_dgcnn_compiles_fullgraph_with_the_fused_layer():
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    eager = net(x, mask)
+    compiled = torch.compile(copy.deepcopy(net), backend="aot_eager", fullgraph=True)(x, mask)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
