@@ -139,6 +139,32 @@ def render_step(results: Path) -> Optional[str]:
     return "\n".join(parts)
 
 
+def render_vn(results: Path) -> Optional[str]:
+    """The latest full (not --quick) run of bench_vn.py as markdown, or None."""
+    path = results / "vn.jsonl"
+    if not path.exists():
+        return None
+    rows = summary.latest_run([r for r in summary.load_rows(path) if not r.get("quick")])
+    if not rows:
+        return None
+    try:
+        from . import bench_vn
+    except ImportError:  # run as a script
+        import bench_vn
+    first = rows[0]
+    load = first.get("load_avg_1min")
+    parts = [f"Run: {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), commit {first['commit']}, "
+             f"{first['timestamp']}" + (f"; 1-minute load average {load:.1f} at its start." if load is not None else "."),
+             "", "Shapes: " + "; ".join(f"{scale} {shape}" for scale, shape in
+                                        dict.fromkeys((r["scale"], r["shape"]) for r in rows)) + ".", "",
+             bench_vn.format_table(rows, markdown=True)]
+    notes = [f"- {r['scale']} {r['mode']} {r['provider']}: not timed ({r['status']})" for r in rows
+             if r["status"] != "ok"]
+    if notes:
+        parts += [""] + notes
+    return "\n".join(parts)
+
+
 def update(path: Path, device: str, text: str) -> None:
     begin, end = f"<!-- results:{device}:begin -->", f"<!-- results:{device}:end -->"
     content = path.read_text()
@@ -161,6 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         step = render_step(Path(args.results)) if args.device == "cpu" else None
         if step is not None and "<!-- results:step:begin -->" in Path(args.update).read_text():
             update(Path(args.update), "step", step)
+        vn = render_vn(Path(args.results)) if args.device == "cpu" else None
+        if vn is not None and "<!-- results:vn:begin -->" in Path(args.update).read_text():
+            update(Path(args.update), "vn", vn)
         print(f"updated {args.update}")
     else:
         print(text)

@@ -5,10 +5,12 @@
     python benchmarks/run_all.py --families permute,sinkhorn --scales pattern --modes full
     python benchmarks/run_all.py --quick                 # a smoke test of every script
     python benchmarks/run_all.py --families step         # only the end-to-end training step
+    python benchmarks/run_all.py --families vn           # only the learned distribution's network
 
 Every other option is passed to each op family's ``bench_<family>.py`` (see ``--help`` of any of
-them); the training-step benchmark (``step``, ``bench_step.py``, CPU only, run last) takes
-``--quick``, ``--threads`` and ``--raw-malloc`` from them and its own defaults otherwise. Results
+them); the training-step benchmark (``step``, ``bench_step.py``) and the distribution network's
+(``vn``, ``bench_vn.py``), both CPU only and run last, take ``--quick`` and ``--threads`` (the step
+also ``--raw-malloc``) from them and their own defaults otherwise. Results
 are appended to ``benchmarks/results/<family>.jsonl``; ``benchmarks/report.py`` turns them into the
 tables of BENCHMARKS.md and ``benchmarks/plot.py`` into charts.
 """
@@ -22,13 +24,14 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 try:
-    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, bench_step, harness, summary
+    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, bench_step, bench_vn, harness, summary
 except ImportError:  # run as a script
     import bench_frame
     import bench_gram_schmidt
     import bench_permute
     import bench_sinkhorn
     import bench_step
+    import bench_vn
     import harness
     import summary
 
@@ -39,11 +42,12 @@ FAMILIES = {
     "gram_schmidt": bench_gram_schmidt,
 }
 STEP = "step"
+VN = "vn"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    names = list(FAMILIES) + [STEP]
+    names = list(FAMILIES) + [STEP, VN]
     parser.add_argument("--families", default=",".join(names), help="comma list of " + ", ".join(names))
     parser.add_argument("--results", default=None,
                         help="folder for the <family>.jsonl files (default benchmarks/results; none with --quick)")
@@ -93,6 +97,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         rows += bench_step.main(step_args)
     elif STEP in families:
         print(f"step: the training-step benchmark runs on the CPU only; skipped for --device {known.device}")
+    if VN in families and known.device == "cpu":
+        vn_args = ["--quick"] if known.quick else []
+        vn_args += [] if known.threads is None else ["--threads", str(known.threads)]
+        vn_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_vn.FAMILY}.jsonl")]
+        rows += bench_vn.main(vn_args)
+    elif VN in families:
+        print(f"vn: the fused VN layers run on the CPU only; skipped for --device {known.device}")
     return rows
 
 

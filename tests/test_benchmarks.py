@@ -223,3 +223,22 @@ def test_training_step_benchmark_quick(tmp_path):
     out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
     rendered = report.render_step(tmp_path)
     assert "| nbody | learned | fast |" in rendered and "learned step / none step" in rendered
+
+
+def test_vn_network_benchmark_quick(tmp_path):
+    """bench_vn --quick: the distribution network on the composed and the fused layers, both past
+    the agreement gate and timed, and report.py's rendering of a full run."""
+    import bench_vn
+
+    out = tmp_path / "vn.jsonl"
+    rows = bench_vn.main(["--quick", "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("composed", "fused") for m in bench_vn.MODES}
+    for row in rows:
+        assert row["status"] == "ok" and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert bench_vn.exit_status(rows) == 0
+    assert bench_vn.exit_status([{**rows[0], "status": "mismatch: output 0"}]) == 1
+    assert report.render_vn(tmp_path) is None  # quick rows are smoke tests
+    out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
+    rendered = report.render_vn(tmp_path)
+    assert "| tiny | full |" in rendered and "fused vs composed" in rendered
