@@ -39,56 +39,58 @@ constexpr int64_t kMaxChunks = 64;   // fixed reduction chunks: deterministic su
 // dst[0:count] = src[0:count] and dst[0:count] += src[0:count] for a runtime channel count: the
 // per-entry rows are short (tens of channels), where a plain loop spends more time in its scalar
 // tail and alias checks than in the work. With AVX-512, whole vectors and one masked tail.
+#if defined(__AVX512F__)
+// 512-bit loads and stores of float or double, with a masked form for the tail
+template <typename T>
+struct Wide;
+template <>
+struct Wide<float> {
+  static constexpr int64_t kLanes = 16;
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static void store(Mask m, float* p, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+};
+template <>
+struct Wide<double> {
+  static constexpr int64_t kLanes = 8;
+  using Vec = __m512d;
+  using Mask = __mmask8;
+  static Vec load(const double* p) { return _mm512_loadu_pd(p); }
+  static Vec load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  static void store(double* p, Vec v) { _mm512_storeu_pd(p, v); }
+  static void store(Mask m, double* p, Vec v) { _mm512_mask_storeu_pd(p, m, v); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+};
+
+template <bool kAdd, typename T>
+inline void move_row(T* dst, const T* src, int64_t count) {
+  using W = Wide<T>;
+  int64_t c = 0;
+  for (; c + W::kLanes <= count; c += W::kLanes)
+    W::store(dst + c, kAdd ? W::add(W::load(dst + c), W::load(src + c)) : W::load(src + c));
+  if (c < count) {
+    const auto tail = static_cast<typename W::Mask>((1u << (count - c)) - 1);
+    W::store(tail, dst + c, kAdd ? W::add(W::load(tail, dst + c), W::load(tail, src + c)) : W::load(tail, src + c));
+  }
+}
+#else
+template <bool kAdd, typename T>
+inline void move_row(T* dst, const T* src, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) dst[c] = kAdd ? dst[c] + src[c] : src[c];
+}
+#endif
 template <typename T>
 inline void copy_row(T* dst, const T* src, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) dst[c] = src[c];
+  move_row<false>(dst, src, count);
 }
 template <typename T>
 inline void add_row(T* dst, const T* src, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) dst[c] += src[c];
+  move_row<true>(dst, src, count);
 }
-#if defined(__AVX512F__)
-template <>
-inline void copy_row<float>(float* dst, const float* src, int64_t count) {
-  int64_t c = 0;
-  for (; c + 16 <= count; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
-  if (c < count) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (count - c)) - 1);
-    _mm512_mask_storeu_ps(dst + c, tail, _mm512_maskz_loadu_ps(tail, src + c));
-  }
-}
-template <>
-inline void add_row<float>(float* dst, const float* src, int64_t count) {
-  int64_t c = 0;
-  for (; c + 16 <= count; c += 16)
-    _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(dst + c), _mm512_loadu_ps(src + c)));
-  if (c < count) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (count - c)) - 1);
-    _mm512_mask_storeu_ps(dst + c, tail,
-                          _mm512_add_ps(_mm512_maskz_loadu_ps(tail, dst + c), _mm512_maskz_loadu_ps(tail, src + c)));
-  }
-}
-template <>
-inline void copy_row<double>(double* dst, const double* src, int64_t count) {
-  int64_t c = 0;
-  for (; c + 8 <= count; c += 8) _mm512_storeu_pd(dst + c, _mm512_loadu_pd(src + c));
-  if (c < count) {
-    const __mmask8 tail = static_cast<__mmask8>((1u << (count - c)) - 1);
-    _mm512_mask_storeu_pd(dst + c, tail, _mm512_maskz_loadu_pd(tail, src + c));
-  }
-}
-template <>
-inline void add_row<double>(double* dst, const double* src, int64_t count) {
-  int64_t c = 0;
-  for (; c + 8 <= count; c += 8)
-    _mm512_storeu_pd(dst + c, _mm512_add_pd(_mm512_loadu_pd(dst + c), _mm512_loadu_pd(src + c)));
-  if (c < count) {
-    const __mmask8 tail = static_cast<__mmask8>((1u << (count - c)) - 1);
-    _mm512_mask_storeu_pd(dst + c, tail,
-                          _mm512_add_pd(_mm512_maskz_loadu_pd(tail, dst + c), _mm512_maskz_loadu_pd(tail, src + c)));
-  }
-}
-#endif
 
 // A (N, n, 3, C) tensor whose last dim has stride 1.
 template <typename T>
