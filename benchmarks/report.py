@@ -158,7 +158,7 @@ def render_vn(results: Path) -> Optional[str]:
              "", "Shapes: " + "; ".join(f"{scale} {shape}" for scale, shape in
                                         dict.fromkeys((r["scale"], r["shape"]) for r in rows)) + ".", "",
              bench_vn.format_table(rows, markdown=True)]
-    notes = [f"- {r['scale']} {r['mode']} {r['provider']}: not timed ({r['status']})" for r in rows
+    notes = [f"- {r['scale']} {r['mode']} {r['provider']}: not timed ({r['status']}: {r.get('error')})" for r in rows
              if r["status"] != "ok"]
     if notes:
         parts += [""] + notes

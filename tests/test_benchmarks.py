@@ -236,8 +236,8 @@ def test_vn_network_benchmark_quick(tmp_path):
     assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("composed", "fused") for m in bench_vn.MODES}
     for row in rows:
         assert row["status"] == "ok" and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-    assert bench_vn.exit_status(rows) == 0
-    assert bench_vn.exit_status([{**rows[0], "status": "mismatch: output 0"}]) == 1
+    assert harness.exit_status(rows) == 0
+    assert harness.exit_status([{**rows[0], "status": "mismatch", "error": "output 0"}]) == 1
     assert report.render_vn(tmp_path) is None  # quick rows are smoke tests
     out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
     rendered = report.render_vn(tmp_path)
