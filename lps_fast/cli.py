@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "not listed here are passed to benchmarks/run_all.py (e.g. --scales, --modes, --results).")
     bench.add_argument("families", nargs="*", metavar="FAMILY", help="op families (default all): permute, frame, "
                                                                      "sinkhorn, gram_schmidt; step: one training "
-                                                                     "step of each task's model")
+                                                                     "step of each task's model; vn: the learned "
+                                                                     "distribution's vector-neuron network")
     bench.add_argument("--quick", action="store_true", help="a fast smoke run of every benchmark")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="device to time on (default cpu)")
     bench.set_defaults(run=_bench)
