@@ -309,11 +309,56 @@ def op_checks(provider: str, device: torch.device, quick: bool, small: bool) -> 
             continue
         checks.append(Check(name, _bind(compare_with_reference, op, provider, args, grad_index,
                                         exact_forward=exact, upstream_stride0=stride0)))
+    if provider == "triton":  # the learned distribution's fused VN layer (a Triton kernel on GPUs)
+        for dtype, masked in ((torch.float64, True), (torch.float32, False)):
+            name = f"triton vn_layer VNDGCNN {DTYPE_NAMES[dtype]}{' mask' if masked else ''} against the composed layers"
+            checks.append(Check(name, _bind(vn_network_check, provider, device, dtype, masked)))
     if not small and "sinkhorn_sort" in offered:
         for n in ((257,) if quick else (1000, 4096)):
             checks.append(Check(f"{provider} sinkhorn_sort large n={n} finite doubly-stochastic",
                                 _bind(large_sinkhorn, provider, n, device, n_iter)))
     return checks
+
+
+def vn_network_check(provider: str, device: torch.device, dtype: torch.dtype, masked: bool) -> str:
+    """The n-body distribution network (``VNDGCNN``, training mode) on the fused kernel of
+    ``provider`` against its composed layers (the reference backend) on the same device: the
+    outputs, the input gradient and every parameter gradient."""
+    import copy
+
+    import lps_fast
+    from lps_fast.nn import VNDGCNN, fused_vn_available
+
+    gen = _generator(3)
+    net = VNDGCNN(2, hidden=30, neighbours=4, dropout=0.0).to(dtype=dtype)
+    x = torch.randn(6, 7, 3, 2, generator=gen, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.ones(6, 7, dtype=torch.bool)
+        mask[0, 5:] = False
+        mask[3, 1:] = False
+        x = x * mask[..., None, None]
+        mask = mask.to(device)
+    net, x = net.to(device), x.to(device)
+    weights = [torch.randn(shape, generator=gen, dtype=dtype).to(device) for shape in ((6, 3, 3), (6, 7))]
+
+    def run(backend):
+        model = copy.deepcopy(net)
+        leaf = x.clone().requires_grad_(True)
+        with lps_fast.use_backend(backend):
+            if backend != "reference" and not fused_vn_available(leaf):
+                raise Skipped(f"{backend} has no fused vn_layer for {dtype} on {device}")
+            frame, scores = model(leaf, mask)
+            ((frame * weights[0]).sum() + (scores * weights[1]).sum()).backward()
+        synchronize(device, f"{backend} VNDGCNN")
+        return [frame.detach(), scores.detach(), leaf.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    got, expected = run(provider), run("reference")
+    worst = max(relative_error(a, e) for a, e in zip(got, expected))
+    tolerance = RELATIVE_TOLERANCE[dtype] * (1.0 if dtype == torch.float64 else 10.0)
+    if not worst <= tolerance:
+        raise CheckFailed(f"max relative error {worst:.2e} > {tolerance:.0e}")
+    return f"max relative error {worst:.1e} over {len(got)} tensors"
 
 
 def _bind(fn, *args, **kwargs):

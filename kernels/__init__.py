@@ -13,7 +13,7 @@ import torch
 
 from lps_fast import _ops
 
-from . import frame, gram_schmidt, permute, sinkhorn  # noqa: F401  (registers the ops)
+from . import frame, gram_schmidt, permute, sinkhorn, vn_layer  # noqa: F401  (registers the ops)
 
 SUFFIX = "_triton"
 
@@ -29,5 +29,7 @@ OPS = {
 }
 
 _ops.register_autograd(_ops.OpSet(SUFFIX), names=OPS.keys())
+# the distribution network's fused layer (lps_fast.nn.vn_layer), outside the public ops
+_ops.register_vn_layer_autograd(SUFFIX)
 
 __all__ = ["OPS"]

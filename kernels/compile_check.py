@@ -70,7 +70,7 @@ def specialize(kernel, args, kwargs, backend):
 
 def _exercise_ops(dtypes):
     """Launch every host launcher once per dtype and option, at shapes that reach each variant."""
-    from . import frame, gram_schmidt, permute, sinkhorn
+    from . import frame, gram_schmidt, permute, sinkhorn, vn_layer
 
     batch, k, n = 2, 3, 5
     perm = torch.stack([torch.randperm(n) for _ in range(batch * k)]).view(batch, k, n)
@@ -101,9 +101,31 @@ def _exercise_ops(dtypes):
             soft = torch.zeros(batch, k, n, n, dtype=dtype)
             sinkhorn.permutation_entropy(soft, m)
             sinkhorn.permutation_entropy_backward(torch.ones((), dtype=dtype), soft, m)
+        if dtype in (torch.float32, torch.float64):  # vn_layer serves these two
+            _exercise_vn_layer(vn_layer, batch, n, dtype, mask)
     for dtype in (torch.int64, torch.bool):
         permute.permute(torch.zeros(batch, n, n, dtype=dtype), perm, edges=True)
         permute.permute(torch.zeros(batch, n, dtype=dtype), perm, edges=False)
+
+
+def _exercise_vn_layer(vn_layer, batch, n, dtype, mask, K=3, C=5):
+    """Both layer kinds (edge convolution, per-node), training and eval, per-channel and shared
+    directions, with and without a mask: every constexpr combination the network uses."""
+    p = torch.zeros(batch, n, 3, C, dtype=dtype)
+    neighbours = torch.zeros(batch, n, K, dtype=torch.int64)
+    pool = torch.zeros(C, C, dtype=dtype)
+    weight, bias = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
+    running = (torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype))
+    for edges in (True, False):
+        for shared in (False, True):
+            d = torch.zeros(batch, n, 3, 1 if shared else C, dtype=dtype)
+            centres = (p, d) if edges else (None, None)
+            for m in (None, mask):
+                for stats in ((None, None), running):
+                    args = (p, d, *centres, neighbours if edges else None, pool if edges else None, m, weight, bias)
+                    out, selected, moments = vn_layer.vn_layer(*args, *stats, 1e-5, 0.2)
+                    vn_layer.vn_layer_backward(out, p, d, *centres, neighbours if edges else None, selected, m,
+                                               weight, bias, moments, stats[0] is None, 1e-5, 0.2)
 
 
 def compile_all(archs=(90,), dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64), verbose=True):

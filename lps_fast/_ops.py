@@ -556,13 +556,15 @@ def define_compiled_ops() -> None:
         _library.define(name + schema)
         torch.library.register_fake(qualified(name), FAKES[name], lib=_library)
     register_autograd(OpSet(""))
-    _register_vn_layer_autograd()
+    register_vn_layer_autograd(lib=_library)
 
 
-def _register_vn_layer_autograd() -> None:
-    """Gradients of ``vn_layer`` w.r.t. p, d, the centre terms and the batch-norm affine
-    parameters (the pool direction only selects, and the statistics output is for the running
-    estimates: neither carries a gradient)."""
+def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:
+    """Gradients of ``vn_layer<suffix>`` (``""``: the compiled CPU kernel, ``"_triton"``) w.r.t. p,
+    d, the centre terms and the batch-norm affine parameters, by ``vn_layer_backward<suffix>``
+    (the pool direction only selects, and the statistics output is for the running estimates:
+    neither carries a gradient)."""
+    backward_op = getattr(getattr(torch.ops, NAMESPACE), "vn_layer_backward" + suffix)
 
     def setup(ctx, inputs, output):
         p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, running_mean, running_var, eps, slope = inputs
@@ -573,13 +575,14 @@ def _register_vn_layer_autograd() -> None:
 
     def backward(ctx, grad, grad_selected, grad_stats):
         p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats = ctx.saved_tensors
-        grads = torch.ops.lps_fast.vn_layer_backward(grad, p, d, p_centre, d_centre, neighbours, selected, mask,
-                                                     weight, bias, stats, ctx.training, ctx.eps, ctx.slope)
+        grads = backward_op(grad, p, d, p_centre, d_centre, neighbours, selected, mask, weight, bias, stats,
+                            ctx.training, ctx.eps, ctx.slope)
         grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias = grads
         return (grad_p, grad_d, grad_pc if p_centre is not None else None, grad_dc if d_centre is not None else None,
                 None, None, None, grad_weight, grad_bias, None, None, None, None)
 
-    torch.library.register_autograd(qualified("vn_layer"), backward, setup_context=setup, lib=_library)
+    torch.library.register_autograd(qualified("vn_layer" + suffix), _without_autocast(backward), setup_context=setup,
+                                    lib=lib)
 
 
 def register_missing_cuda_kernels(reason: str) -> None:

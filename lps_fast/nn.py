@@ -374,24 +374,46 @@ def _safe_length(v: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, squared, torch.ones_like(squared)).sqrt() * nonzero
 
 
-_fused_vn_kernel: Optional[bool] = None
+_fused_vn_kernels: Optional[dict] = None
+
+
+def _fused_vn_op(t: torch.Tensor):
+    """The fused ``vn_layer`` kernel that serves ``t``, or None (the composed layers run).
+
+    CPU: the compiled kernel (unless a backend other than ``cpp`` is forced; with ``triton``
+    forced under ``TRITON_INTERPRET=1``, the Triton kernel). CUDA: the Triton kernel, unless a
+    backend other than ``triton`` is forced. The reference backend always runs the composed
+    layers, which are what the kernels are tested against."""
+    global _fused_vn_kernels
+    if _fused_vn_kernels is None:
+        namespace = torch.ops.lps_fast
+        _fused_vn_kernels = {
+            "cpp": namespace.vn_layer if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
+            else None,
+            "triton": getattr(namespace, "vn_layer_triton") if hasattr(namespace, "vn_layer_triton") else None,
+        }
+    if t.dtype not in (torch.float32, torch.float64):
+        return None
+    forced, device = _backend.state.forced, t.device.type
+    if device == "cpu" and forced in (None, "cpp"):
+        return _fused_vn_kernels["cpp"]
+    if forced in ((None, "triton") if device == "cuda" else ("triton",)) and _backend._serves("triton", device):
+        return _fused_vn_kernels["triton"]
+    return None
 
 
 def fused_vn_available(t: torch.Tensor) -> bool:
-    """Whether :func:`vn_layer` runs the fused CPU kernel on ``t`` (float32/64 CPU tensors, the
-    compiled extension loaded, and no backend other than ``cpp`` forced); elsewhere the VN layers
-    run their composed PyTorch formulation, which is the reference the kernel is tested against."""
-    global _fused_vn_kernel
-    if _fused_vn_kernel is None:
-        _fused_vn_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
-    return (_fused_vn_kernel and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-            and _backend.state.forced in (None, "cpp"))
+    """Whether :func:`vn_layer` runs a fused kernel on ``t`` (float32/64; see ``_fused_vn_op``);
+    elsewhere the VN layers run their composed PyTorch formulation, the reference the kernels
+    are tested against."""
+    return _fused_vn_op(t) is not None
 
 
 def vn_layer(p: torch.Tensor, d: torch.Tensor, norm: "MaskedBatchNorm", mask: Optional[torch.Tensor],
              negative_slope: float, p_centre: Optional[torch.Tensor] = None, d_centre: Optional[torch.Tensor] = None,
              neighbours: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Vector batch norm and VN leaky ReLU in one kernel (``lps_fast::vn_layer``), and with
+    """Vector batch norm and VN leaky ReLU in one kernel (``lps_fast::vn_layer``, or
+    ``vn_layer_triton`` on GPUs), and with
     ``neighbours``/``pool`` the max-pool of a kNN edge convolution, on linear maps computed by
     the caller. ``p (N, n, 3, C)``, ``d (N, n, 3, D)`` (D = 1 or C), ``mask (N, n)`` bool.
 
@@ -404,7 +426,11 @@ def vn_layer(p: torch.Tensor, d: torch.Tensor, norm: "MaskedBatchNorm", mask: Op
     :class:`VNMaxPool`.
     """
     training = norm.training
-    out, _, stats = torch.ops.lps_fast.vn_layer(
+    op = _fused_vn_op(p)
+    if op is None:
+        raise RuntimeError(f"no fused vn_layer kernel serves {p.dtype} tensors on {p.device} under the current "
+                           "backend; the VN layers run their composed form there (see fused_vn_available)")
+    out, _, stats = op(
         p, d, p_centre, d_centre, neighbours, pool, mask, norm.weight.to(p.dtype), norm.bias.to(p.dtype),
         None if training else norm.running_mean.to(p.dtype), None if training else norm.running_var.to(p.dtype),
         norm.eps, negative_slope)

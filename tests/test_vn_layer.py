@@ -223,3 +223,74 @@ def test_vn_dgcnn_compiles_fullgraph_with_the_fused_layer():
     compiled = torch.compile(copy.deepcopy(net), backend="aot_eager", fullgraph=True)(x, mask)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel (GPUs; on CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets)
+
+ON_GPU = torch.cuda.is_available()
+TRITON_READY = hasattr(torch.ops.lps_fast, "vn_layer_triton") and (
+    ON_GPU or lps_fast.backend_info()["triton"]["interpret"])
+triton_only = pytest.mark.skipif(not TRITON_READY, reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _on(device, args):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@triton_only
+@pytest.mark.parametrize("mode", ["edges", "nodes"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+def test_triton_vn_layer_matches_the_cpu_kernel(mode, training, shared):
+    """Forward (output, selected neighbours, statistics) and every gradient, in float64."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
+    if mode == "nodes":
+        pc = dc = neighbours = pool = None
+    running = (None, None) if training else (torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
+    args = (p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2)
+    expected = torch.ops.lps_fast.vn_layer(*args)
+    got = torch.ops.lps_fast.vn_layer_triton(*_on(DEVICE, args))
+    torch.testing.assert_close(got[1].cpu(), expected[1], atol=0, rtol=0)
+    for a, b in zip(got[::2], expected[::2]):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=1e-10)
+    grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    backward = (grad, p, d, pc, dc, neighbours, expected[1], mask, weight, bias, expected[2], training, 1e-5, 0.2)
+    expected_grads = torch.ops.lps_fast.vn_layer_backward(*backward)
+    got_grads = torch.ops.lps_fast.vn_layer_backward_triton(*_on(DEVICE, backward))
+    for name, a, b in zip(("p", "d", "p_centre", "d_centre", "weight", "bias"), got_grads, expected_grads):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=1e-10, msg=lambda m: f"d/d{name}: {m}")
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vn_dgcnn_on_the_triton_kernel_matches_the_composed_layers(dtype):
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=30, neighbours=4, dropout=0.0).to(dtype)
+    x, mask = _padded_points(dtype, masked=True)
+    reference = _run(net, x, mask, "reference")
+    net, x, mask = net.to(DEVICE), x.to(DEVICE), mask.to(DEVICE)
+    with lps_fast.use_backend("triton"):
+        assert lps_fast.nn._fused_vn_op(x) is torch.ops.lps_fast.vn_layer_triton
+    fused = _run(net, x, mask, "triton")
+    for what, a, b in (("frame", fused[0], reference[0]), ("scores", fused[1], reference[1]),
+                       ("d/dpoints", fused[2], reference[2])):
+        _assert_agree(a.cpu(), b, dtype, what)
+    for name, grad in reference[3].items():
+        if grad is not None:
+            _assert_agree(fused[3][name].cpu(), grad, dtype, f"d/d{name}")
+    for name, buffer in reference[4].items():
+        _assert_agree(fused[4][name].cpu(), buffer, dtype, f"buffer {name}")
+
+
+@triton_only
+def test_triton_vn_layer_opcheck():
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _on(DEVICE, _edge_args(dtype=torch.float32))
+    for t in (p, d, pc, dc, weight, bias):
+        t.requires_grad_(True)
+    # the interpreter runs kernels eagerly, so AOT dispatch (which traces the launches) needs a GPU
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+        ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+    torch.library.opcheck(torch.ops.lps_fast.vn_layer_triton.default,
+                          (p, d, pc, dc, neighbours, pool, mask, weight, bias, None, None, 1e-5, 0.2), test_utils=utils)
