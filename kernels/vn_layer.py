@@ -73,6 +73,14 @@ def _entry(ptr, centre_ptr, b, i, j, a: tl.constexpr, s0, s1, s2, cs0, cs1, cs2,
 
 
 @triton.jit
+def _entry_vectors(ptr, centre_ptr, b, i, j, s0, s1, s2, cs0, cs1, cs2, c, m2, HAS_CENTRE: tl.constexpr):
+    """The three coordinates of an entry's vectors, each a ``[BLOCK_R, BLOCK_C]`` tile."""
+    return (_entry(ptr, centre_ptr, b, i, j, 0, s0, s1, s2, cs0, cs1, cs2, c, m2, HAS_CENTRE),
+            _entry(ptr, centre_ptr, b, i, j, 1, s0, s1, s2, cs0, cs1, cs2, c, m2, HAS_CENTRE),
+            _entry(ptr, centre_ptr, b, i, j, 2, s0, s1, s2, cs0, cs1, cs2, c, m2, HAS_CENTRE))
+
+
+@triton.jit
 def _vn_stats_kernel(p_ptr, pc_ptr, nbr_ptr, mask_ptr, sums_ptr, rows, n, K, C,
                      ps0, ps1, ps2, pcs0, pcs1, pcs2,
                      HAS_CENTRE: tl.constexpr, HAS_NBR: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -84,9 +92,7 @@ def _vn_stats_kernel(p_ptr, pc_ptr, nbr_ptr, mask_ptr, sums_ptr, rows, n, K, C,
     squares = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for k in range(K):
         j = _neighbour(r, i, k, K, in_rows, nbr_ptr, HAS_NBR)
-        px = _entry(p_ptr, pc_ptr, b, i, j, 0, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_CENTRE)
-        py = _entry(p_ptr, pc_ptr, b, i, j, 1, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_CENTRE)
-        pz = _entry(p_ptr, pc_ptr, b, i, j, 2, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_CENTRE)
+        px, py, pz = _entry_vectors(p_ptr, pc_ptr, b, i, j, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_CENTRE)
         length = tl.where(m2, tl.sqrt(px * px + py * py + pz * pz) + VECTOR_EPS, 0.0).to(tl.float64)
         total += tl.sum(length, axis=0)
         squares += tl.sum(length * length, axis=0)
@@ -121,12 +127,8 @@ def _vn_forward_kernel(p_ptr, d_ptr, pc_ptr, dc_ptr, nbr_ptr, pool_ptr, mask_ptr
     kz = tl.zeros((BLOCK_R, BLOCK_C), dtype=out_ptr.dtype.element_ty)
     for k in range(K):
         j = _neighbour(r, i, k, K, in_rows, nbr_ptr, HAS_NBR)
-        px = _entry(p_ptr, pc_ptr, b, i, j, 0, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        py = _entry(p_ptr, pc_ptr, b, i, j, 1, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        pz = _entry(p_ptr, pc_ptr, b, i, j, 2, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        dx = _entry(d_ptr, dc_ptr, b, i, j, 0, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
-        dy = _entry(d_ptr, dc_ptr, b, i, j, 1, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
-        dz = _entry(d_ptr, dc_ptr, b, i, j, 2, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
+        px, py, pz = _entry_vectors(p_ptr, pc_ptr, b, i, j, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
+        dx, dy, dz = _entry_vectors(d_ptr, dc_ptr, b, i, j, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
         length = tl.sqrt(px * px + py * py + pz * pz) + VECTOR_EPS
         ratio = scale + shift / length
         qx, qy, qz = px * ratio, py * ratio, pz * ratio
@@ -196,12 +198,8 @@ def _vn_backward_kernel(g_ptr, p_ptr, d_ptr, pc_ptr, dc_ptr, nbr_ptr, sel_ptr, m
             gx, gyv, gz = tl.where(hit, gx_node, 0.0), tl.where(hit, gy_node, 0.0), tl.where(hit, gz_node, 0.0)
         else:
             gx, gyv, gz = gx_node, gy_node, gz_node
-        px = _entry(p_ptr, pc_ptr, b, i, j, 0, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        py = _entry(p_ptr, pc_ptr, b, i, j, 1, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        pz = _entry(p_ptr, pc_ptr, b, i, j, 2, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
-        dx = _entry(d_ptr, dc_ptr, b, i, j, 0, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
-        dy = _entry(d_ptr, dc_ptr, b, i, j, 1, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
-        dz = _entry(d_ptr, dc_ptr, b, i, j, 2, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
+        px, py, pz = _entry_vectors(p_ptr, pc_ptr, b, i, j, ps0, ps1, ps2, pcs0, pcs1, pcs2, c, m2, HAS_PC)
+        dx, dy, dz = _entry_vectors(d_ptr, dc_ptr, b, i, j, ds0, ds1, ds2, dcs0, dcs1, dcs2, dc_cols, m2, HAS_DC)
         norm = tl.sqrt(px * px + py * py + pz * pz)
         length = norm + VECTOR_EPS
         xhat = (length - mean) * invstd
@@ -270,7 +268,19 @@ def _vn_backward_kernel(g_ptr, p_ptr, d_ptr, pc_ptr, dc_ptr, nbr_ptr, sel_ptr, m
 
 def _vectors(t):
     """(N, n, 3, C) with a unit last stride (column blocks of a matmul output keep their strides)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+class _Layer:
+    """A launch's tensors in the layouts the kernels read, and its sizes."""
+
+    def __init__(self, p, d, p_centre, d_centre, neighbours, mask):
+        self.p, self.d, self.p_centre, self.d_centre = (_vectors(t) for t in (p, d, p_centre, d_centre))
+        self.nbr = None if neighbours is None else neighbours.contiguous()
+        self.mask = None if mask is None else mask.contiguous()
+        self.N, self.n, _, self.C = p.shape
+        self.K = neighbours.shape[2] if neighbours is not None else 1
+        self.rows = self.N * self.n
 
 
 def _strides(t):
@@ -296,18 +306,13 @@ def _count(mask, rows: int, K: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def vn_layer(p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, running_mean, running_var, eps, slope):
-    p, d = _vectors(p), _vectors(d)
-    p_centre = None if p_centre is None else _vectors(p_centre)
-    d_centre = None if d_centre is None else _vectors(d_centre)
-    N, n, _, C = p.shape
-    K = neighbours.shape[2] if neighbours is not None else 1
-    rows = N * n
+    L = _Layer(p, d, p_centre, d_centre, neighbours, mask)
+    p, d, p_centre, d_centre, nbr, mask_c = L.p, L.d, L.p_centre, L.d_centre, L.nbr, L.mask
+    N, n, K, C, rows = L.N, L.n, L.K, L.C, L.rows
     training = running_mean is None
     out = torch.empty((N, n, 3, C), dtype=p.dtype, device=p.device)
     selected = (torch.zeros((N, n, C), dtype=torch.int64, device=p.device) if neighbours is not None
                 else torch.empty((0,), dtype=torch.int64, device=p.device))
-    nbr = None if neighbours is None else neighbours.contiguous()
-    mask_c = None if mask is None else mask.contiguous()
     grid = (triton.cdiv(max(rows, 1), BLOCK_ROWS),)
     block_c = _block_c(C)
     if training:
@@ -336,20 +341,15 @@ def vn_layer(p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, run
 
 def vn_layer_backward(grad, p, d, p_centre, d_centre, neighbours, selected, mask, weight, bias, stats, training,
                       eps, slope):
-    p, d = _vectors(p), _vectors(d)
-    p_centre = None if p_centre is None else _vectors(p_centre)
-    d_centre = None if d_centre is None else _vectors(d_centre)
-    N, n, _, C = p.shape
-    K = neighbours.shape[2] if neighbours is not None else 1
-    rows = N * n
+    L = _Layer(p, d, p_centre, d_centre, neighbours, mask)
+    p, d, p_centre, d_centre, nbr, mask_c = L.p, L.d, L.p_centre, L.d_centre, L.nbr, L.mask
+    N, n, K, C, rows = L.N, L.n, L.K, L.C, L.rows
     grad = grad.to(p.dtype).contiguous()
     grad_p = torch.zeros((N, n, 3, C), dtype=p.dtype, device=p.device)
     grad_d = torch.zeros(tuple(d.shape), dtype=p.dtype, device=p.device)
     grad_pc = torch.zeros_like(grad_p) if p_centre is not None else p.new_empty((0,))
     grad_dc = torch.zeros_like(grad_d) if d_centre is not None else p.new_empty((0,))
-    nbr = None if neighbours is None else neighbours.contiguous()
     sel = selected.contiguous()
-    mask_c = None if mask is None else mask.contiguous()
     mean, var = stats[0].to(torch.float64), stats[1].to(torch.float64)
     invstd = torch.rsqrt(var + eps)
     gamma, beta = weight.to(torch.float64), bias.to(torch.float64)

@@ -121,14 +121,23 @@ def _edge_args(dtype=torch.float64, masked=True, seed=0, channels=5, shared=Fals
     return p, d, pc, dc, neighbours, pool, mask, weight, bias
 
 
+def _layer_args(mode, training, shared):
+    """float64 arguments of an edge convolution or a per-node layer, in training (batch
+    statistics) or eval (running statistics)."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
+    if mode == "nodes":
+        pc = dc = neighbours = pool = None
+    gen = torch.Generator().manual_seed(4)
+    running = (None, None) if training else (torch.rand(5, generator=gen, dtype=torch.float64),
+                                             torch.rand(5, generator=gen, dtype=torch.float64) + 0.5)
+    return (p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2)
+
+
 @pytest.mark.parametrize("mode", ["edges", "nodes"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shared", [False, True])
 def test_vn_layer_gradcheck(mode, training, shared):
-    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
-    if mode == "nodes":
-        pc = dc = neighbours = pool = None
-    running = (None, None) if training else (torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
+    p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, _, _ = _layer_args(mode, training, shared)
     inputs = [t.requires_grad_(True) for t in (p, d, weight, bias)]
     centres = [] if pc is None else [pc.requires_grad_(True), dc.requires_grad_(True)]
 
@@ -245,11 +254,8 @@ def _on(device, args):
 @pytest.mark.parametrize("shared", [False, True])
 def test_triton_vn_layer_matches_the_cpu_kernel(mode, training, shared):
     """Forward (output, selected neighbours, statistics) and every gradient, in float64."""
-    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
-    if mode == "nodes":
-        pc = dc = neighbours = pool = None
-    running = (None, None) if training else (torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
-    args = (p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2)
+    args = _layer_args(mode, training, shared)
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = args[:9]
     expected = torch.ops.lps_fast.vn_layer(*args)
     got = torch.ops.lps_fast.vn_layer_triton(*_on(DEVICE, args))
     torch.testing.assert_close(got[1].cpu(), expected[1], atol=0, rtol=0)
