@@ -24,6 +24,7 @@ layers does so too). Timing is float32; samples alternate between providers
     python benchmarks/bench_vn.py                 # one thread, the n-body and point-cloud scales
     python benchmarks/bench_vn.py --providers composed,fused --modes full
     python benchmarks/bench_vn.py --quick         # a smoke test: tiny shapes, no compile
+    python benchmarks/bench_vn.py --device cuda   # on a GPU: the Triton kernel against the composed layers
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _callable(provider: str, net: torch.nn.Module, x: torch.Tensor, mode: str) -
             xg = x.detach().requires_grad_(True)
             frame, scores = module(xg)
             if weights is None:
-                weights = (torch.randn(frame.shape, generator=gen), torch.randn(scores.shape, generator=gen))
+                weights = (torch.randn(frame.shape, generator=gen).to(frame), torch.randn(scores.shape, generator=gen).to(scores))
             loss = (frame * weights[0]).sum() + (scores * weights[1]).sum()
             for p in module.parameters():
                 p.grad = None
@@ -118,18 +119,19 @@ def _agree(result, expected, tolerance: float) -> Optional[str]:
 
 
 def run(scales: Dict[str, tuple], providers: Sequence[str], modes: Sequence[str], repeats: int, budget: float,
-        seed: int, log: Callable[[str], None]) -> List[dict]:
+        seed: int, log: Callable[[str], None], device: torch.device = torch.device("cpu")) -> List[dict]:
     rows = []
     for scale, (N, n, C, K) in scales.items():
         torch.manual_seed(seed)
-        net = VNDGCNN(C, hidden=64, neighbours=K, dropout=0.0)  # dropout off: runs comparable across providers
-        x = _inputs(N, n, C, seed)
+        # dropout off: runs comparable across providers
+        net = VNDGCNN(C, hidden=64, neighbours=K, dropout=0.0).to(device)
+        x = _inputs(N, n, C, seed).to(device)
         for mode in modes:
             fns, status = {}, {}
             expected = None
             for provider in providers:
                 if provider.startswith("fused") and not lps_fast.nn.fused_vn_available(x):
-                    status[provider] = ("unavailable", "no compiled CPU extension")
+                    status[provider] = ("unavailable", f"no fused vn_layer kernel for {device.type} tensors here")
                     continue
                 try:
                     # the gate runs in float64, where the max-pool's and the kNN's selections do
@@ -148,7 +150,10 @@ def run(scales: Dict[str, tuple], providers: Sequence[str], modes: Sequence[str]
                     continue
                 fns[provider] = fn
                 status[provider] = ("ok", None)
-            timings = harness.time_cpu_interleaved(fns, warmup=3, repeats=repeats, budget_s=budget)
+            if device.type == "cuda":
+                timings = {name: harness.time_cuda(fn, 3, repeats, budget, device) for name, fn in fns.items()}
+            else:
+                timings = harness.time_cpu_interleaved(fns, warmup=3, repeats=repeats, budget_s=budget)
             for provider in providers:
                 if provider not in status:
                     continue
@@ -194,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of " + ", ".join(PROVIDERS))
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
     parser.add_argument("--scales", default=",".join(SCALES), help="comma list of " + ", ".join(SCALES))
+    parser.add_argument("--device", default="cpu", help="cpu (default; the C++ kernel) or cuda (the Triton kernel)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of samples per provider and mode, about")
@@ -213,15 +219,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     else:
         scales = {name: SCALES[name] for name in (s.strip() for s in args.scales.split(",")) if name}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    env = harness.environment(torch.device("cpu"))
+    device = torch.device(args.device)
+    env = harness.environment(device)
     print(harness.format_environment(env, None), flush=True)
     load = harness.load_average()
     rows = run(scales, providers, modes, 3 if args.quick else args.repeats, 0.2 if args.quick else args.budget,
-               args.seed, lambda message: print(message, flush=True))
+               args.seed, lambda message: print(message, flush=True), device)
     run_id = f"{env['date']}-{os.getpid()}"
     rows = [{"run_id": run_id, "family": FAMILY,
-             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
-             "machine": f"{env['host']} ({env['cpu']}, {env['cores']} cores)", "threads": env["threads"],
+             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": device.type,
+             "machine": f"{env['host']} ({env['gpu'] or env['cpu']}, {env['cores']} cores)", "threads": env["threads"],
              "commit": env["commit"], "torch": env["torch"], "quick": bool(args.quick),
              "load_avg_1min": (load or (None,))[0], **row} for row in rows]
     print(f"\nvn: medians in ms of VNDGCNN, {env['threads']} thread(s); 'A vs B' = time(B) / time(A); "
