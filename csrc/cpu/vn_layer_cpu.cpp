@@ -117,6 +117,27 @@ struct EntryReader {
       if (p_centre) add_row(pv + a * L, p_centre.at(b, i, a), C);
     }
   }
+  // Channel c of entry (b, i, pick[c]): each channel from the neighbour it selected.
+  void read_selected(int64_t b, int64_t i, const int64_t* neighbours_of_i, const int64_t* pick, T* pv, T* dv) const {
+    for (int a = 0; a < 3; ++a) {
+      T* pdst = pv + a * L;
+      T* ddst = dv + a * L;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t j = neighbours_of_i[pick[c]];
+        pdst[c] = p.at(b, j, a)[c];
+        ddst[c] = d.at(b, j, a)[D == 1 ? 0 : c];
+      }
+      if (p_centre) add_row(pdst, p_centre.at(b, i, a), C);
+      if (d_centre) {
+        if (D == 1) {
+          const T shared = d_centre.at(b, i, a)[0];
+          for (int64_t c = 0; c < C; ++c) ddst[c] += shared;
+        } else {
+          add_row(ddst, d_centre.at(b, i, a), C);
+        }
+      }
+    }
+  }
   void read(int64_t b, int64_t i, int64_t j, T* pv, T* dv) const {
     read_p(b, i, j, pv);
     for (int a = 0; a < 3; ++a) {
@@ -133,16 +154,14 @@ struct EntryReader {
   }
 };
 
-template <typename acc_t>
-inline acc_t vector_length(const acc_t* pv, int64_t L, int64_t c) {
-  const acc_t x = pv[c], y = pv[L + c], z = pv[2 * L + c];
-  return std::sqrt(x * x + y * y + z * z);
-}
+// The per-entry helpers below are not inlined: inlined into the kernels' loops, gcc vectorized
+// them in some call sites and not in others (and drops the restrict qualifiers of inlined
+// parameters); a call per entry costs nothing next to their 16-lane loops.
 
 // The forward of one entry, all channels: o (3 x C) from p and d (3 x C each), with
 // y = l * scale + shift. Branch-free so that the channel loop vectorizes.
 template <typename acc_t>
-inline void entry_forward(const acc_t* __restrict__ pv, const acc_t* __restrict__ dv, const acc_t* scale,
+__attribute__((noinline)) void entry_forward(const acc_t* __restrict__ pv, const acc_t* __restrict__ dv, const acc_t* scale,
                           const acc_t* shift, acc_t keep, int64_t L, acc_t* __restrict__ o) {
   const acc_t veps = static_cast<acc_t>(kVectorEps);
 #pragma GCC ivdep
@@ -202,6 +221,37 @@ inline void pool_scores(const acc_t* o, const acc_t* pool_t, int64_t C, int64_t 
   }
 }
 
+// sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double.
+template <typename acc_t>
+__attribute__((noinline)) void accumulate_lengths(const acc_t* __restrict__ pv, int64_t L, int64_t C,
+                                                  double* __restrict__ sum, double* __restrict__ squares) {
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t x = pv[c], y = pv[L + c], z = pv[2 * L + c];
+    const double l = static_cast<double>(std::sqrt(x * x + y * y + z * z)) + kVectorEps;
+    sum[c] += l;
+    squares[c] += l * l;
+  }
+}
+
+// Per lane, keep entry k's output o where its score beats the best so far (strictly: the first
+// of equal maxima, as argmax); the neighbour index is carried as a float so the lanes stay one
+// vector type.
+template <typename acc_t>
+__attribute__((noinline)) void keep_better(const acc_t* __restrict__ score, const acc_t* __restrict__ o, acc_t k,
+                                           int64_t L, acc_t* __restrict__ best, acc_t* __restrict__ which,
+                                           acc_t* __restrict__ kept) {
+#pragma GCC ivdep
+  for (int64_t c = 0; c < L; ++c) {
+    const bool better = score[c] > best[c];
+    best[c] = better ? score[c] : best[c];
+    which[c] = better ? k : which[c];
+    kept[c] = better ? o[c] : kept[c];
+    kept[L + c] = better ? o[L + c] : kept[L + c];
+    kept[2 * L + c] = better ? o[2 * L + c] : kept[2 * L + c];
+  }
+}
+
 // Batch-norm and affine constants of the backward pass, per channel.
 template <typename acc_t>
 struct BackwardConstants {
@@ -216,7 +266,7 @@ struct BackwardConstants {
 // batch-norm output) and xhat are written; with kFull also the gradients of p and d, including
 // the batch statistics' terms from k.mean_gx / k.mean_gxx.
 template <bool kFull, typename acc_t>
-inline void entry_backward(const acc_t* pv, const acc_t* dv, const acc_t* gout, const BackwardConstants<acc_t>& k,
+__attribute__((noinline)) void entry_backward(const acc_t* pv, const acc_t* dv, const acc_t* gout, const BackwardConstants<acc_t>& k,
                            int64_t L, acc_t* __restrict__ gy_out, acc_t* __restrict__ xhat_out, acc_t* __restrict__ gp,
                            acc_t* __restrict__ gd) {
   const acc_t veps = static_cast<acc_t>(kVectorEps);
@@ -258,6 +308,25 @@ inline void entry_backward(const acc_t* pv, const acc_t* dv, const acc_t* gout, 
       gp[L + c] = gqy * ratio + scale * py;
       gp[2 * L + c] = gqz * ratio + scale * pz;
     }
+  }
+}
+
+// The gradient of p of one entry through the batch statistics alone (every lane):
+// gp = gl / |p| * p with gl = -invstd (mean_gx + xhat mean_gxx): what an edge convolution's
+// entries get besides the selected neighbour's upstream gradient.
+template <typename acc_t>
+__attribute__((noinline)) void statistics_backward(const acc_t* pv, const BackwardConstants<acc_t>& k, int64_t L, acc_t* __restrict__ gp) {
+  const acc_t veps = static_cast<acc_t>(kVectorEps);
+#pragma GCC ivdep
+  for (int64_t c = 0; c < L; ++c) {
+    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
+    const acc_t norm = std::sqrt(px * px + py * py + pz * pz);
+    const acc_t xhat = (norm + veps - k.mean[c]) * k.invstd[c];
+    const acc_t gl = -k.invstd[c] * (k.mean_gx[c] + xhat * k.mean_gxx[c]);
+    const acc_t scale = norm > 0 ? gl / std::max(norm, std::numeric_limits<acc_t>::min()) : acc_t(0);
+    gp[c] = scale * px;
+    gp[L + c] = scale * py;
+    gp[2 * L + c] = scale * pz;
   }
 }
 
@@ -318,11 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
               count[chunk] += K;
               for (int64_t k = 0; k < K; ++k) {
                 reader.read_p(b, i, neighbour(b, i, k), pv.data());
-                for (int64_t c = 0; c < C; ++c) {
-                  const double l = static_cast<double>(vector_length(pv.data(), L, c)) + kVectorEps;
-                  sum[c] += l;
-                  squares[c] += l * l;
-                }
+                accumulate_lengths(pv.data(), L, C, sum, squares);
               }
             }
           }
@@ -386,8 +451,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     }
 
     at::parallel_for(0, s.N * n, std::max<int64_t>(1, 4096 / (K * C + 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), o(3 * L), kept(3 * L), score(C), best(C);
-      std::vector<int64_t> which(C);
+      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), o(3 * L), kept(3 * L), score(L, acc_t(0)),
+          best(L, acc_t(0)), which(L, acc_t(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
         scalar_t* dst = target + row * 3 * C;
@@ -406,21 +471,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, k == 0 ? kept.data() : o.data());
           if (k == 0) {
             scores_of(kept.data(), best.data());
-            std::fill(which.begin(), which.end(), int64_t(0));
+            std::fill(which.begin(), which.end(), acc_t(0));
             continue;
           }
           scores_of(o.data(), score.data());
-          for (int64_t c = 0; c < C; ++c) {  // strictly larger: the first of equal maxima, as argmax
-            const bool better = score[c] > best[c];
-            best[c] = better ? score[c] : best[c];
-            which[c] = better ? k : which[c];
-            kept[c] = better ? o[c] : kept[c];
-            kept[L + c] = better ? o[L + c] : kept[L + c];
-            kept[2 * L + c] = better ? o[2 * L + c] : kept[2 * L + c];
-          }
+          keep_better(score.data(), o.data(), static_cast<acc_t>(k), L, best.data(), which.data(), kept.data());
         }
         for (int a = 0; a < 3; ++a) copy_row(dst + a * C, kept.data() + a * L, C);
-        std::copy(which.begin(), which.end(), chosen + row * C);
+        for (int64_t c = 0; c < C; ++c) chosen[row * C + c] = static_cast<int64_t>(which[c]);
       }
     });
   });
@@ -503,9 +561,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t i = 0; i < n; ++i) {
             const int64_t row = b * n + i;
             if (skipped(row)) continue;
-            for (int64_t k = 0; k < K; ++k) {
-              if (!gather_upstream(row, k, gout.data())) continue;
-              reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
+            // each channel's upstream gradient reaches one entry: the neighbour it selected
+            for (int64_t k = 0; k < (chosen ? 1 : K); ++k) {
+              if (chosen) {
+                reader.read_selected(b, i, nbr + row * K, chosen + row * C, pv.data(), dv.data());
+                for (int a = 0; a < 3; ++a) copy_row(gout.data() + a * L, upstream + row * 3 * C + a * C, C);
+              } else {
+                gather_upstream(row, k, gout.data());
+                reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
+              }
               entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
                              static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
               for (int64_t c = 0; c < C; ++c) {
@@ -547,6 +611,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
     scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
+    // An edge convolution's node (b, i), whose entries all lie in the statistics: every entry's
+    // gradient through the batch statistics (training only), then each channel's selected entry's
+    // gradient through the leaky ReLU and y / l, scattered channel by channel to the neighbour.
+    auto edge_backward = [&](int64_t b, int64_t i, int64_t row, acc_t* pv, acc_t* dv, acc_t* gout, acc_t* gy,
+                             acc_t* xhat, acc_t* gpe, acc_t* gde) {
+      const int64_t* neighbours_of_i = nbr + row * K;
+      if (training) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t j = neighbours_of_i[k];
+          reader.read_p(b, i, j, pv);
+          statistics_backward(pv, with_stats, L, gpe);
+          for (int a = 0; a < 3; ++a) {
+            add_row(gp + ((b * n + j) * 3 + a) * C, gpe + a * L, C);
+            if (gpc) add_row(gpc + (row * 3 + a) * C, gpe + a * L, C);
+          }
+        }
+      }
+      const int64_t* pick = chosen + row * C;
+      reader.read_selected(b, i, neighbours_of_i, pick, pv, dv);
+      for (int a = 0; a < 3; ++a) copy_row(gout + a * L, upstream + row * 3 * C + a * C, C);
+      entry_backward<true>(pv, dv, gout, plain, L, gy, xhat, gpe, gde);
+      for (int a = 0; a < 3; ++a) {
+        const acc_t* from = gpe + a * L;
+        const acc_t* dfrom = gde + a * L;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t j = neighbours_of_i[pick[c]];
+          gp[((b * n + j) * 3 + a) * C + c] += static_cast<scalar_t>(from[c]);
+          gd[((b * n + j) * 3 + a) * D + (D == 1 ? 0 : c)] += static_cast<scalar_t>(dfrom[c]);
+        }
+        if (gpc) add_row(gpc + (row * 3 + a) * C, from, C);
+        if (gdc) {
+          if (D == 1) {
+            acc_t shared = 0;
+            for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
+            gdc[row * 3 + a] += static_cast<scalar_t>(shared);
+          } else {
+            add_row(gdc + (row * 3 + a) * C, dfrom, C);
+          }
+        }
+      }
+    };
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L), gpe(3 * L),
           gde(3 * L);
@@ -555,6 +660,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int64_t row = b * n + i;
           if (skipped(row)) continue;
           const bool in_stats = !valid || valid[row];
+          if (chosen) {
+            edge_backward(b, i, row, pv.data(), dv.data(), gout.data(), gy.data(), xhat.data(), gpe.data(), gde.data());
+            continue;
+          }
           for (int64_t k = 0; k < K; ++k) {
             const int64_t j = neighbour(b, i, k);
             const bool any = gather_upstream(row, k, gout.data());
