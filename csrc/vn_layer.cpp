@@ -15,6 +15,11 @@ namespace {
 // contiguous (other strides are free: they are column blocks of one matmul output).
 at::Tensor vectors_arg(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+c10::optional<at::Tensor> vectors_arg(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return vectors_arg(*t);
+}
+
 void check_vn_layer_args(const at::Tensor& p, const at::Tensor& d, const c10::optional<at::Tensor>& p_centre,
                          const c10::optional<at::Tensor>& d_centre, const c10::optional<at::Tensor>& neighbours,
                          const c10::optional<at::Tensor>& pool, const c10::optional<at::Tensor>& mask,
@@ -88,11 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer_cpu(
       TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == p.size(3), name, " must have shape (C,), got ", t.sizes());
     }
   }
-  auto centre = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    if (!t.has_value()) return c10::nullopt;
-    return vectors_arg(*t);
-  };
-  return cpu::vn_layer(vectors_arg(p), vectors_arg(d), centre(p_centre), centre(d_centre),
+  return cpu::vn_layer(vectors_arg(p), vectors_arg(d), vectors_arg(p_centre), vectors_arg(d_centre),
                        contiguous_or_none(neighbours), pool, contiguous_or_none(mask), weight, bias, running_mean,
                        running_var, eps, slope);
 }
@@ -110,12 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       "selected must have shape (N, n, C), got ", selected.sizes());
     TORCH_CHECK_TYPE(selected.scalar_type() == at::kLong, "selected must be int64");
   }
-  auto centre = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    if (!t.has_value()) return c10::nullopt;
-    return vectors_arg(*t);
-  };
-  return cpu::vn_layer_backward(grad.to(p.scalar_type()), vectors_arg(p), vectors_arg(d), centre(p_centre),
-                                centre(d_centre), contiguous_or_none(neighbours), selected.contiguous(),
+  return cpu::vn_layer_backward(grad.to(p.scalar_type()), vectors_arg(p), vectors_arg(d), vectors_arg(p_centre),
+                                vectors_arg(d_centre), contiguous_or_none(neighbours), selected.contiguous(),
                                 contiguous_or_none(mask), weight, bias, stats.to(p.scalar_type()), training, eps,
                                 slope);
 }

@@ -390,7 +390,7 @@ def _fused_vn_op(t: torch.Tensor):
         _fused_vn_kernels = {
             "cpp": namespace.vn_layer if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
             else None,
-            "triton": getattr(namespace, "vn_layer_triton") if hasattr(namespace, "vn_layer_triton") else None,
+            "triton": getattr(namespace, "vn_layer_triton", None),  # registered by lps_fast.kernels
         }
     if t.dtype not in (torch.float32, torch.float64):
         return None
@@ -413,9 +413,8 @@ def vn_layer(p: torch.Tensor, d: torch.Tensor, norm: "MaskedBatchNorm", mask: Op
              negative_slope: float, p_centre: Optional[torch.Tensor] = None, d_centre: Optional[torch.Tensor] = None,
              neighbours: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Vector batch norm and VN leaky ReLU in one kernel (``lps_fast::vn_layer``, or
-    ``vn_layer_triton`` on GPUs), and with
-    ``neighbours``/``pool`` the max-pool of a kNN edge convolution, on linear maps computed by
-    the caller. ``p (N, n, 3, C)``, ``d (N, n, 3, D)`` (D = 1 or C), ``mask (N, n)`` bool.
+    ``vn_layer_triton`` on GPUs), and with ``neighbours``/``pool`` the max-pool of a kNN edge
+    convolution, on linear maps computed by the caller. ``p (N, n, 3, C)``, ``d (N, n, 3, D)`` (D = 1 or C), ``mask (N, n)`` bool.
 
     Entry ``(b, i)`` (or ``(b, i, k)`` with ``neighbours (N, n, K)``) holds
     ``p[b, j] + p_centre[b, i]`` and ``d[b, j] + d_centre[b, i]`` with ``j = neighbours[b, i, k]``

@@ -510,7 +510,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t* nbr = s.edges ? neighbours->const_data_ptr<int64_t>() : nullptr;
     const int64_t* chosen = s.edges ? selected.const_data_ptr<int64_t>() : nullptr;
     const bool* valid = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
-    auto neighbour = [&](int64_t b, int64_t i, int64_t k) { return nbr ? nbr[(b * n + i) * K + k] : i; };
     const at::Tensor g = grad.contiguous(), st = stats.contiguous();
     const scalar_t* upstream = g.const_data_ptr<scalar_t>();
     std::vector<acc_t> mean(L, 0), invstd(L, 0), gamma(L, 0), beta(L, 0), mean_gx(L, 0), mean_gxx(L, 0), no_stats(L, 0);
@@ -526,27 +525,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const acc_t keep = static_cast<acc_t>(1.0 - slope);
     // An edge convolution's padded nodes output zero (no gradient), and are outside the stats.
     auto skipped = [&](int64_t row) { return s.edges && valid && !valid[row]; };
-    // The upstream gradient of entry (row, k): the node's, in the channels that selected k.
-    // Returns false when no channel did.
-    auto gather_upstream = [&](int64_t row, int64_t k, acc_t* gout) {
-      const scalar_t* src = upstream + row * 3 * C;
-      if (!chosen) {
-        for (int a = 0; a < 3; ++a) copy_row(gout + a * L, src + a * C, C);
-        return true;
+    // The entry of node (b, i) that receives its upstream gradient, channel by channel: for an
+    // edge convolution each channel's selected neighbour, for a per-node layer the node itself.
+    auto read_receiving = [&](int64_t b, int64_t i, int64_t row, acc_t* pv, acc_t* dv, acc_t* gout) {
+      if (chosen) {
+        reader.read_selected(b, i, nbr + row * K, chosen + row * C, pv, dv);
+      } else {
+        reader.read(b, i, i, pv, dv);
       }
-      const int64_t* pick = chosen + row * C;
-      int64_t hits = 0;
-      for (int64_t c = 0; c < C; ++c) hits += pick[c] == k;
-      if (hits == 0) {
-        std::fill(gout, gout + 3 * L, acc_t(0));
-        return false;
-      }
-      for (int a = 0; a < 3; ++a)
-        for (int64_t c = 0; c < C; ++c) gout[a * L + c] = pick[c] == k ? static_cast<acc_t>(src[a * C + c]) : acc_t(0);
-      return true;
+      for (int a = 0; a < 3; ++a) copy_row(gout + a * L, upstream + row * 3 * C + a * C, C);
     };
 
-    // Pass 1: per channel sums of g_y and g_y * xhat (the entries without upstream gradient
+    // Pass 1: per channel sums of g_y and g_y * xhat over the receiving entries (the others
     // contribute zero), for the affine gradients and the batch statistics' terms.
     const int64_t chunks = chunk_count(s.N);
     std::vector<double> partial(chunks * 2 * C, 0.0);
@@ -561,21 +551,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t i = 0; i < n; ++i) {
             const int64_t row = b * n + i;
             if (skipped(row)) continue;
-            // each channel's upstream gradient reaches one entry: the neighbour it selected
-            for (int64_t k = 0; k < (chosen ? 1 : K); ++k) {
-              if (chosen) {
-                reader.read_selected(b, i, nbr + row * K, chosen + row * C, pv.data(), dv.data());
-                for (int a = 0; a < 3; ++a) copy_row(gout.data() + a * L, upstream + row * 3 * C + a * C, C);
-              } else {
-                gather_upstream(row, k, gout.data());
-                reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
-              }
-              entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
-                             static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
-              for (int64_t c = 0; c < C; ++c) {
-                sum_gy[c] += gy[c];
-                sum_gyx[c] += gy[c] * xhat[c];
-              }
+            read_receiving(b, i, row, pv.data(), dv.data(), gout.data());
+            entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
+                                  static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+            for (int64_t c = 0; c < C; ++c) {
+              sum_gy[c] += gy[c];
+              sum_gyx[c] += gy[c] * xhat[c];
             }
           }
         }
@@ -602,56 +583,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     }
 
-    // Pass 2: every entry's gradient of p (through l and, for the entries inside the batch
-    // statistics, through them) and of d, scattered to the node read and to the centre node.
-    // Chunks are whole graphs, so the scatter never crosses threads.
+    // Pass 2: the gradients of p and d, scattered to the node read and to the centre node. An
+    // edge convolution's entries all get their gradient through the batch statistics (training
+    // only), and each channel's selected entry its gradient through the leaky ReLU and y / l,
+    // scattered channel by channel to that neighbour; a per-node layer's single entry gets both
+    // at once (outside the statistics for a padded node). Chunks are whole graphs, so the
+    // scatter never crosses threads.
     const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                               mean_gx.data(), mean_gxx.data(), keep};
     scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
     scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
     scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
-    // An edge convolution's node (b, i), whose entries all lie in the statistics: every entry's
-    // gradient through the batch statistics (training only), then each channel's selected entry's
-    // gradient through the leaky ReLU and y / l, scattered channel by channel to the neighbour.
-    auto edge_backward = [&](int64_t b, int64_t i, int64_t row, acc_t* pv, acc_t* dv, acc_t* gout, acc_t* gy,
-                             acc_t* xhat, acc_t* gpe, acc_t* gde) {
-      const int64_t* neighbours_of_i = nbr + row * K;
-      if (training) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t j = neighbours_of_i[k];
-          reader.read_p(b, i, j, pv);
-          statistics_backward(pv, with_stats, L, gpe);
-          for (int a = 0; a < 3; ++a) {
-            add_row(gp + ((b * n + j) * 3 + a) * C, gpe + a * L, C);
-            if (gpc) add_row(gpc + (row * 3 + a) * C, gpe + a * L, C);
-          }
-        }
-      }
-      const int64_t* pick = chosen + row * C;
-      reader.read_selected(b, i, neighbours_of_i, pick, pv, dv);
-      for (int a = 0; a < 3; ++a) copy_row(gout + a * L, upstream + row * 3 * C + a * C, C);
-      entry_backward<true>(pv, dv, gout, plain, L, gy, xhat, gpe, gde);
-      for (int a = 0; a < 3; ++a) {
-        const acc_t* from = gpe + a * L;
-        const acc_t* dfrom = gde + a * L;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t j = neighbours_of_i[pick[c]];
-          gp[((b * n + j) * 3 + a) * C + c] += static_cast<scalar_t>(from[c]);
-          gd[((b * n + j) * 3 + a) * D + (D == 1 ? 0 : c)] += static_cast<scalar_t>(dfrom[c]);
-        }
-        if (gpc) add_row(gpc + (row * 3 + a) * C, from, C);
-        if (gdc) {
-          if (D == 1) {
-            acc_t shared = 0;
-            for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
-            gdc[row * 3 + a] += static_cast<scalar_t>(shared);
-          } else {
-            add_row(gdc + (row * 3 + a) * C, dfrom, C);
-          }
-        }
-      }
-    };
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L), gpe(3 * L),
           gde(3 * L);
@@ -659,38 +602,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = b * n + i;
           if (skipped(row)) continue;
-          const bool in_stats = !valid || valid[row];
-          if (chosen) {
-            edge_backward(b, i, row, pv.data(), dv.data(), gout.data(), gy.data(), xhat.data(), gpe.data(), gde.data());
-            continue;
-          }
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t j = neighbour(b, i, k);
-            const bool any = gather_upstream(row, k, gout.data());
-            reader.read(b, i, j, pv.data(), dv.data());
-            entry_backward<true>(pv.data(), dv.data(), gout.data(), in_stats ? with_stats : plain, L, gy.data(),
-                           xhat.data(), gpe.data(), gde.data());
-            for (int a = 0; a < 3; ++a) {
-              const acc_t* from = gpe.data() + a * L;
-              scalar_t* to = gp + ((b * n + j) * 3 + a) * C;
-              add_row(to, from, C);
-              if (gpc) {
-                scalar_t* to_centre = gpc + ((b * n + i) * 3 + a) * C;
-                add_row(to_centre, from, C);
+          const int64_t* neighbours_of_i = chosen ? nbr + row * K : nullptr;
+          if (chosen && training) {
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t j = neighbours_of_i[k];
+              reader.read_p(b, i, j, pv.data());
+              statistics_backward(pv.data(), with_stats, L, gpe.data());
+              for (int a = 0; a < 3; ++a) {
+                add_row(gp + ((b * n + j) * 3 + a) * C, gpe.data() + a * L, C);
+                if (gpc) add_row(gpc + (row * 3 + a) * C, gpe.data() + a * L, C);
               }
-              if (!any) continue;  // no upstream gradient: none for d either
-              const acc_t* dfrom = gde.data() + a * L;
-              acc_t shared = 0;
-              if (D == 1)
-                for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
-              scalar_t* to_d = gd + ((b * n + j) * 3 + a) * D;
-              scalar_t* to_dc = gdc ? gdc + ((b * n + i) * 3 + a) * D : nullptr;
+            }
+          }
+          const bool statistics_here = !chosen && (!valid || valid[row]);
+          read_receiving(b, i, row, pv.data(), dv.data(), gout.data());
+          entry_backward<true>(pv.data(), dv.data(), gout.data(), statistics_here ? with_stats : plain, L, gy.data(),
+                               xhat.data(), gpe.data(), gde.data());
+          for (int a = 0; a < 3; ++a) {
+            const acc_t* from = gpe.data() + a * L;
+            const acc_t* dfrom = gde.data() + a * L;
+            if (chosen) {
+              const int64_t* pick = chosen + row * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t j = neighbours_of_i[pick[c]];
+                gp[((b * n + j) * 3 + a) * C + c] += static_cast<scalar_t>(from[c]);
+                gd[((b * n + j) * 3 + a) * D + (D == 1 ? 0 : c)] += static_cast<scalar_t>(dfrom[c]);
+              }
+            } else {
+              add_row(gp + (row * 3 + a) * C, from, C);
+            }
+            if (gpc) add_row(gpc + (row * 3 + a) * C, from, C);
+            acc_t shared = 0;
+            if (D == 1)
+              for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
+            if (!chosen) {
               if (D == 1) {
-                to_d[0] += static_cast<scalar_t>(shared);
-                if (to_dc) to_dc[0] += static_cast<scalar_t>(shared);
+                gd[row * 3 + a] += static_cast<scalar_t>(shared);
               } else {
-                add_row(to_d, dfrom, C);
-                if (to_dc) add_row(to_dc, dfrom, C);
+                add_row(gd + (row * 3 + a) * C, dfrom, C);
+              }
+            }
+            if (gdc) {
+              if (D == 1) {
+                gdc[row * 3 + a] += static_cast<scalar_t>(shared);
+              } else {
+                add_row(gdc + (row * 3 + a) * C, dfrom, C);
               }
             }
           }
