@@ -50,9 +50,18 @@ at::Tensor unpermute_mean_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return cpu::unpermute_mean_backward(grad.contiguous(), perm.contiguous());
 }
 
+// (B, n, *F): the upstream gradient of the diagonal; returns (B, k, n, n, *F).
+at::Tensor unpermute_edges_mean_diagonal_backward_cpu(const at::Tensor& grad, const at::Tensor& perm) {
+  check_permute_nodes_args(grad, perm, c10::nullopt);
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "grad must be a floating-point tensor, got ",
+                   grad.scalar_type());
+  return cpu::unpermute_edges_mean_diagonal_backward(grad.contiguous(), perm.contiguous());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lps_fast, CPU, m) {
+  m.impl("unpermute_edges_mean_diagonal_backward", &unpermute_edges_mean_diagonal_backward_cpu);
   m.impl("permute_nodes_backward", &permute_nodes_backward_cpu);
   m.impl("permute_edges_backward", &permute_edges_backward_cpu);
   m.impl("unpermute_mean_backward", &unpermute_mean_backward_cpu);

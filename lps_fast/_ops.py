@@ -50,6 +50,7 @@ CPU_BACKWARD_SCHEMAS: Dict[str, str] = {
     "permute_nodes_backward": "(Tensor grad, Tensor perm) -> Tensor",
     "permute_edges_backward": "(Tensor grad, Tensor perm) -> Tensor",
     "unpermute_mean_backward": "(Tensor grad, Tensor perm) -> Tensor",
+    "unpermute_edges_mean_diagonal_backward": "(Tensor grad, Tensor perm) -> Tensor",
     "frame_apply_backward": "(Tensor grad, Tensor x, Tensor R, Tensor? perm, Tensor? center) -> (Tensor, Tensor)",
     "frame_unapply_mean_backward": "(Tensor grad, Tensor y, Tensor R, Tensor? perm) -> (Tensor, Tensor)",
 }
@@ -139,6 +140,11 @@ fake_permute_edges_backward = fake_permute_nodes_backward
 
 def fake_unpermute_mean_backward(grad, perm):
     return grad.new_empty((grad.shape[0], perm.shape[1], *grad.shape[1:]))
+
+
+def fake_unpermute_edges_mean_diagonal_backward(grad, perm):
+    batch, k, n = perm.shape
+    return grad.new_empty((batch, k, n, n, *grad.shape[2:]))
 
 
 def fake_frame_apply_backward(grad, x, R, perm, center):
@@ -401,7 +407,9 @@ def register_autograd(ops: OpSet, names=None) -> None:
         grad_y = grad_soft = None
         scaled = grad / ctx.k
         if needs[0]:
-            if ctx.diagonal:
+            if ctx.diagonal and _fused_cpu_backward(ops, grad):
+                grad_y = ops.unpermute_edges_mean_diagonal_backward(grad, perm)
+            elif ctx.diagonal:
                 # d/dy of a diagonal is the diagonal: dy[j, r, r] = G[p(r)] / k, zero elsewhere.
                 on_diagonal = ops.permute_nodes(scaled, perm, None)  # [B, k, n, *F]
                 grad_y = scaled.new_zeros(ctx.y_shape)

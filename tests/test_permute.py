@@ -64,6 +64,32 @@ def test_unpermute_mean(cpu_backend, shape, dtype, with_soft):
     compare_backends("unpermute_mean", [y, perm, soft], cpu_backend)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 3, 50, (64,)), (1, 3, 50, (64,)), (3, 2, 300, (256,))],
+    ids=["graph-per-thread", "fewer-graphs-than-threads", "accumulator-beyond-l2"],
+)
+def test_node_scatter_forms(cpu_backend, shape, threads):
+    """The node scatter-sums stream each graph into a cached accumulator when there is a graph per
+    thread and the accumulator fits in L2, and gather the rows otherwise: both agree, and both
+    reject a repeated index."""
+    batch, k, n, features = shape
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        perm = random_perm(batch, k, n)
+        y = torch.randn(batch, k, n, *features, dtype=torch.float64, requires_grad=True)
+        compare_backends("unpermute_mean", [y, perm, None], cpu_backend)
+        x = torch.randn(batch, n, *features, dtype=torch.float64, requires_grad=True)
+        compare_backends("permute_nodes", [x, perm, None], cpu_backend, exact_forward=True)
+        perm[batch - 1, k - 1, 0] = perm[batch - 1, k - 1, 1]
+        with pytest.raises(ValueError, match="repeated"):
+            torch.ops.lps_fast.unpermute_mean(y.detach(), perm, None)
+    finally:
+        torch.set_num_threads(previous)
+
+
 EDGE_SHAPES = [s for s in SHAPES if s[2] <= 64] + [(1, 4, 188, (1,))]
 
 
@@ -78,6 +104,28 @@ def test_permute_edges(cpu_backend, shape, dtype, with_soft):
     features_size = int(torch.tensor(features).prod()) if features else 1
     compare_backends("permute_edges", [e, perm, soft], cpu_backend, exact_forward=True,
                      **soft_grad_tolerance(dtype, with_soft, n * features_size))
+
+
+# One-word edge cells (one float or double channel, two float channels) up to 128 (float) or 64
+# (8-byte cells) nodes are permuted in registers on AVX-512 CPUs; the sizes straddle each table
+# size (16, 32, 48, 64 words and beyond the largest).
+REGISTER_EDGE_SHAPES = [(2, 3, n, features) for n in (16, 17, 33, 64, 65, 100, 128, 129) for features in ((), (2,))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", REGISTER_EDGE_SHAPES, ids=shape_id)
+def test_edge_cells_in_registers(cpu_backend, shape, dtype):
+    batch, k, n, features = shape
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the scatter's register form needs a graph per thread
+    try:
+        perm = random_perm(batch, k, n)
+        e = torch.randn(batch, n, n, *features, dtype=dtype, requires_grad=True)
+        compare_backends("permute_edges", [e, perm, None], cpu_backend, exact_forward=True)
+        y = torch.randn(batch, k, n, n, *features, dtype=dtype, requires_grad=True)
+        compare_backends("unpermute_edges_mean", [y, perm, None, False], cpu_backend)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diagonal"])
@@ -107,6 +155,7 @@ def test_half_precision(cpu_backend, dtype):
     compare_backends("unpermute_mean", [y, perm, None], cpu_backend)
     ye = torch.randn(batch, k, n, n, 2, dtype=dtype, requires_grad=True)
     compare_backends("unpermute_edges_mean", [ye, perm, None, False], cpu_backend)
+    compare_backends("unpermute_edges_mean", [ye, perm, None, True], cpu_backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool], ids=str)

@@ -41,6 +41,7 @@ def _inputs():
         "permute_nodes_backward": (torch.randn(B, K, N, 4, dtype=f64), perm),
         "permute_edges_backward": (torch.randn(B, K, N, N, 2, dtype=f64), perm),
         "unpermute_mean_backward": (torch.randn(B, N, 4, dtype=f64), perm),
+        "unpermute_edges_mean_diagonal_backward": (torch.randn(B, N, 2, dtype=f64), perm),
     }
 
 

@@ -37,6 +37,9 @@ at::Tensor unpermute_edges_mean(const at::Tensor& y, const at::Tensor& perm, boo
 at::Tensor permute_nodes_backward(const at::Tensor& grad, const at::Tensor& perm);
 at::Tensor permute_edges_backward(const at::Tensor& grad, const at::Tensor& perm);
 at::Tensor unpermute_mean_backward(const at::Tensor& grad, const at::Tensor& perm);
+// unpermute_edges_mean's gradient with diagonal=true: grad[b, perm[b, j, r]] / k on the diagonal
+// of each sample (B, k, n, n, *F), zero elsewhere.
+at::Tensor unpermute_edges_mean_diagonal_backward(const at::Tensor& grad, const at::Tensor& perm);
 
 }  // namespace cpu
 }  // namespace lps_fast
