@@ -9,7 +9,10 @@ from lps_fast import reference as ref
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
-SHAPES = [(2, 3, 5, 2), (1, 1, 1, 1), (100, 20, 5, 2), (2, 3, 37, 4), (1, 4, 188, 1)]
+# On AVX-512 CPUs 1, 2 or 4 channels of float or double run in chunks of 16 / C (8 / C) points:
+# whole and partial chunks, and 3 or 8 channels on the scalar loops
+SHAPES = [(2, 3, 5, 2), (1, 1, 1, 1), (100, 20, 5, 2), (2, 3, 37, 4), (1, 4, 188, 1), (3, 2, 64, 1), (2, 2, 17, 2),
+          (2, 2, 8, 4), (2, 2, 6, 3), (2, 2, 9, 8)]
 
 
 def shape_id(shape):

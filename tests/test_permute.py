@@ -213,6 +213,22 @@ def test_kernel_rejects_bad_perm_values(cpu_backend):
         torch.ops.lps_fast.permute_edges(torch.randn(2, 4, 4), random_perm(2, 3, 5))
 
 
+@pytest.mark.parametrize("n", [5, 64, 65, 130])
+def test_kernels_reject_each_kind_of_bad_row(cpu_backend, n):
+    """The validation (a bitmap check per row, vectorized up to 64 nodes) finds a negative entry,
+    one past the end and a repeat, in the last row as well as the first, and names the first bad
+    row and entry."""
+    for row, value, message in [((0, 0), -1, "out of range"), ((1, 2), n, "out of range"), ((1, 2), None, "repeated")]:
+        bad = random_perm(2, 3, n)
+        bad[row][n - 1] = bad[row][0] if value is None else value
+        pattern = rf"perm\[{row[0]}, {row[1]}\] is not one .*{message}"
+        with pytest.raises(ValueError, match=pattern):
+            torch.ops.lps_fast.permute_nodes(torch.randn(2, n, 3), bad, None)
+        with pytest.raises(ValueError, match=pattern):
+            torch.ops.lps_fast.frame_apply(torch.randn(2, n, 3, 1), torch.eye(3).expand(2, 3, 3, 3).contiguous(), bad,
+                                           None, None)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 3),

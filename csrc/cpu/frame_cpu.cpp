@@ -2,6 +2,8 @@
 // scatter, the 3 x 3 rotation and the mean over samples are one pass over the data. The
 // forward walks one sample's points in order (no index division per point) with the rotation
 // in registers; small channel counts are compile-time constants so the per-point loops unroll.
+// On AVX-512 CPUs 1, 2 or 4 channels of float or double run vectorized across points (see
+// FrameChunk); the scalar loops serve the rest.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 
 #include "cpu/frame_cpu.h"
@@ -12,10 +14,16 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cpu/permute_cpu.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace lps_fast {
 namespace cpu {
@@ -27,11 +35,398 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
+#if defined(__AVX512F__)
+// The frame kernels vectorized across points. Point data is (n, 3, C): a chunk of three vectors
+// (3 L values, L lanes) holds L / C whole points when C divides L. A 3 x 3 map of every point in
+// a chunk is then nine aligned products: for each output vector o and input component i, the
+// lanes of component i of each output lane's point and channel, gathered from the three input
+// vectors by two permutes and a blend, times a coefficient vector (the matrix entry of each
+// output lane's component). The kernels below run on such chunks, with masked loads and stores
+// for the last one; rows gathered by a permutation are copied into a chunk buffer first.
+template <typename scalar_t>
+struct FrameLanes;
+
+template <>
+struct FrameLanes<float> {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  using index_t = int32_t;
+  static constexpr int L = 16;
+  static Mask first(int64_t count) { return count >= L ? Mask(0xFFFF) : count <= 0 ? Mask(0) : Mask((1u << count) - 1); }
+  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(Mask m, float* p, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
+  static Vec pick(Vec a, __m512i index, Vec b) { return _mm512_permutex2var_ps(a, index, b); }
+  static Vec pick(__m512i index, Vec a) { return _mm512_permutex2var_ps(a, index, a); }  // index mod L
+  static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, a, b); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_ps(m, a, b); }
+  static Vec div(Vec a, float b) { return _mm512_div_ps(a, _mm512_set1_ps(b)); }
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_ps(m, v); }
+  // the sum of all lanes, by butterflies of two-table permutes (gcc 12 warns on the reduce
+  // intrinsics, whose shuffles pass an undefined vector)
+  static float sum(Vec v) {
+    for (int step = 8; step >= 1; step /= 2) {
+      const __m512i partner = _mm512_xor_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(step));
+      v = _mm512_add_ps(v, _mm512_permutex2var_ps(v, partner, v));
+    }
+    return _mm512_cvtss_f32(v);
+  }
+};
+
+template <>
+struct FrameLanes<double> {
+  using Vec = __m512d;
+  using Mask = __mmask8;
+  using index_t = int64_t;
+  static constexpr int L = 8;
+  static Mask first(int64_t count) { return count >= L ? Mask(0xFF) : count <= 0 ? Mask(0) : Mask((1u << count) - 1); }
+  static Vec load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  static void store(Mask m, double* p, Vec v) { _mm512_mask_storeu_pd(p, m, v); }
+  static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
+  static Vec pick(Vec a, __m512i index, Vec b) { return _mm512_permutex2var_pd(a, index, b); }
+  static Vec pick(__m512i index, Vec a) { return _mm512_permutex2var_pd(a, index, a); }  // index mod L
+  static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_pd(m, a, b); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_pd(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+  static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_pd(m, a, b); }
+  static Vec div(Vec a, double b) { return _mm512_div_pd(a, _mm512_set1_pd(b)); }
+  static Vec zero() { return _mm512_setzero_pd(); }
+  static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_pd(m, v); }
+  static double sum(Vec v) {
+    for (int step = 4; step >= 1; step /= 2) {
+      const __m512i partner = _mm512_xor_si512(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(step));
+      v = _mm512_add_pd(v, _mm512_permutex2var_pd(v, partner, v));
+    }
+    return _mm512_cvtsd_f64(v);
+  }
+};
+
+// Whether the chunked form serves C channels of scalar_t (half types take the scalar loops).
+template <int C, typename scalar_t>
+constexpr bool kChunkedFrames =
+    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) && (C == 1 || C == 2 || C == 4);
+
+template <int C, typename scalar_t>
+struct FrameChunk {
+  using V = FrameLanes<scalar_t>;
+  using Vec = typename V::Vec;
+  using Mask = typename V::Mask;
+  static constexpr int L = V::L;
+  static constexpr int kPointSize = 3 * C;
+  static constexpr int kPoints = L / C;       // points per chunk
+  static constexpr int kValues = 3 * L;       // values per chunk
+  static_assert(L % C == 0, "a chunk holds whole points");
+
+  // [o][i]: where component i of the point and channel of output lane (o, l) lies: in vectors
+  // lowest[o][i] and lowest[o][i] + 1 (positions relative to the lower one), or, where those
+  // lanes reach all three vectors, at chunk position source[o][i], in_third marking vector 2
+  __m512i source[3][3];
+  int lowest[3][3];
+  bool in_two[3][3];
+  Mask in_third[3][3];
+  __m512i component[3];     // [o]: the component (0..2) of output lane (o, l)
+  Mask has_component[3][3]; // [o][m]: lanes of component m
+
+  FrameChunk() {
+    alignas(64) typename V::index_t positions[L];
+    for (int o = 0; o < 3; ++o) {
+      for (int i = 0; i < 3; ++i) {
+        Mask third = 0;
+        int low = 2, high = 0;
+        for (int l = 0; l < L; ++l) {
+          const int p = o * L + l, point = p / kPointSize, c = p % C;
+          positions[l] = point * kPointSize + i * C + c;
+          if (positions[l] >= 2 * L) third |= Mask(Mask(1) << l);
+          low = std::min(low, static_cast<int>(positions[l] / L));
+          high = std::max(high, static_cast<int>(positions[l] / L));
+        }
+        in_two[o][i] = high - low <= 1;
+        lowest[o][i] = std::min(low, 1);
+        if (in_two[o][i]) {
+          for (int l = 0; l < L; ++l) positions[l] -= lowest[o][i] * L;
+        }
+        source[o][i] = V::index(positions);
+        in_third[o][i] = third;
+      }
+      Mask lanes[3] = {0, 0, 0};
+      for (int l = 0; l < L; ++l) {
+        const int m = ((o * L + l) / C) % 3;
+        positions[l] = m;
+        lanes[m] |= Mask(Mask(1) << l);
+      }
+      component[o] = V::index(positions);
+      for (int m = 0; m < 3; ++m) has_component[o][m] = lanes[m];
+    }
+  }
+
+  // Component i of the point and channel of every lane of output vector o.
+  Vec align(const Vec in[3], int o, int i) const {
+    if (in_two[o][i]) return V::pick(in[lowest[o][i]], source[o][i], in[lowest[o][i] + 1]);
+    return V::blend(in_third[o][i], V::pick(in[0], source[o][i], in[1]), V::pick(source[o][i], in[2]));
+  }
+
+  // coefficient[o][i] lane l = M[component(o, l)][i] for a 3 x 3 matrix M (row-major).
+  void coefficients(const scalar_t M[9], Vec coefficient[3][3]) const {
+    for (int i = 0; i < 3; ++i) {
+      const scalar_t column_values[3] = {M[i], M[3 + i], M[6 + i]};
+      const Vec column = V::load(V::first(3), column_values);
+      for (int o = 0; o < 3; ++o) coefficient[o][i] = V::pick(component[o], column);
+    }
+  }
+
+  // out[o] = sum_i coefficient[o][i] * align(in, o, i): the map applied to every point
+  void map(const Vec in[3], const Vec coefficient[3][3], Vec out[3]) const {
+    for (int o = 0; o < 3; ++o) {
+      Vec acc = V::zero();
+      for (int i = 0; i < 3; ++i) acc = V::fma(coefficient[o][i], align(in, o, i), acc);
+      out[o] = acc;
+    }
+  }
+
+  // outer[o][i] += align(a, o, i) * b[o]: summed over the lanes of component m of vector o, the
+  // entry (i, m) of sum over points and channels of a_i b_m^T
+  void accumulate_outer(const Vec a[3], const Vec b[3], Vec outer[3][3]) const {
+    for (int o = 0; o < 3; ++o) {
+      for (int i = 0; i < 3; ++i) outer[o][i] = V::fma(align(a, o, i), b[o], outer[o][i]);
+    }
+  }
+
+  // result[i * 3 + m] = the (i, m) entry of an accumulate_outer sum
+  void reduce_outer(const Vec outer[3][3], scalar_t scale, scalar_t result[9]) const {
+    for (int i = 0; i < 3; ++i) {
+      for (int m = 0; m < 3; ++m) {
+        Vec total = V::keep(has_component[0][m], outer[0][i]);
+        for (int o = 1; o < 3; ++o) total = V::add(total, V::keep(has_component[o][m], outer[o][i]));
+        result[i * 3 + m] = V::sum(total) * scale;
+      }
+    }
+  }
+
+  // The values of `count` points: rows[0..count) of `base`, or rows index[0..count) when index is
+  // given (copied into `buffer`, 3 L values); lanes past the points are zero.
+  void load(const scalar_t* base, const int64_t* index, int64_t count, scalar_t* buffer, Vec in[3]) const {
+    const scalar_t* from = base;
+    if (index != nullptr) {
+      for (int64_t t = 0; t < count; ++t) {
+        std::memcpy(buffer + t * kPointSize, base + index[t] * kPointSize, kPointSize * sizeof(scalar_t));
+      }
+      from = buffer;
+    }
+    for (int v = 0; v < 3; ++v) in[v] = V::load(V::first(count * kPointSize - v * L), from + v * L);
+  }
+
+  void store(scalar_t* to, int64_t count, const Vec out[3]) const {
+    for (int v = 0; v < 3; ++v) V::store(V::first(count * kPointSize - v * L), to + v * L, out[v]);
+  }
+
+  // The chunk pattern of a (3, C) per-graph vector (the center): lane l of vector v holds
+  // center[(v L + l) mod 3 C].
+  void pattern(const scalar_t* center, Vec out[3]) const {
+    alignas(64) scalar_t values[kValues];
+    for (int p = 0; p < kValues; ++p) values[p] = center != nullptr ? center[p % kPointSize] : scalar_t(0);
+    for (int v = 0; v < 3; ++v) out[v] = V::load(V::first(L), values + v * L);
+  }
+};
+
+// out[b, j, r] = R_j^T (x[b, p(r)] - center[b]), one sample per item (see frame_apply_kernel)
+template <int C, typename scalar_t>
+void frame_apply_chunked(const scalar_t* x, const scalar_t* R, const int64_t* perm, const scalar_t* center,
+                         scalar_t* out, int64_t batch, int64_t k, int64_t n) {
+  using Chunk = FrameChunk<C, scalar_t>;
+  using V = typename Chunk::V;
+  using Vec = typename Chunk::Vec;
+  const Chunk chunk;
+  constexpr int64_t P = Chunk::kPointSize;
+  at::parallel_for(0, batch * k, grain_for(n * 3 * P), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t buffer[Chunk::kValues];
+    Vec shift[3] = {V::zero(), V::zero(), V::zero()};
+    int64_t graph_of_shift = -1;
+    for (int64_t sample = begin; sample < end; ++sample) {
+      const int64_t b = sample / k;
+      if (b != graph_of_shift) {
+        graph_of_shift = b;
+        chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
+      }
+      Vec coefficient[3][3];
+      const scalar_t* rotation = R + sample * 9;
+      const scalar_t transposed[9] = {rotation[0], rotation[3], rotation[6], rotation[1], rotation[4],
+                                      rotation[7], rotation[2], rotation[5], rotation[8]};
+      chunk.coefficients(transposed, coefficient);
+      const scalar_t* graph = x + b * n * P;
+      const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+      for (int64_t r = 0; r < n; r += Chunk::kPoints) {
+        const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
+        Vec in[3], mapped[3];
+        chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
+                   count, buffer, in);
+        for (int v = 0; v < 3; ++v) in[v] = V::sub(V::first(count * P - v * Chunk::L), in[v], shift[v]);
+        chunk.map(in, coefficient, mapped);
+        chunk.store(out + (sample * n + r) * P, count, mapped);
+      }
+    }
+  });
+}
+
+// out[b, i] = sum_j R_j y[b, j, q_j(i)] / k + center[b]; each chunk of output points sums its k
+// samples in order
+template <int C, typename scalar_t>
+void frame_unapply_mean_chunked(const scalar_t* y, const scalar_t* R, const int64_t* position, const scalar_t* center,
+                                scalar_t* out, int64_t batch, int64_t k, int64_t n) {
+  using Chunk = FrameChunk<C, scalar_t>;
+  using V = typename Chunk::V;
+  using Vec = typename Chunk::Vec;
+  const Chunk chunk;
+  constexpr int64_t P = Chunk::kPointSize;
+  struct Coefficients {
+    Vec of[3][3];
+  };
+  const int64_t chunks = (n + Chunk::kPoints - 1) / Chunk::kPoints;
+  // one (graph, chunk of points) per item; the coefficients and center of a graph are reused
+  at::parallel_for(0, batch * chunks, grain_for(k * Chunk::kValues * 3), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t buffer[Chunk::kValues];
+    std::vector<Coefficients> coefficients(k);
+    Vec shift[3] = {V::zero(), V::zero(), V::zero()};
+    int64_t graph = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, i = (item - b * chunks) * Chunk::kPoints;
+      if (b != graph) {
+        graph = b;
+        chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
+        for (int64_t j = 0; j < k; ++j) chunk.coefficients(R + (b * k + j) * 9, coefficients[j].of);
+      }
+      const int64_t count = std::min<int64_t>(Chunk::kPoints, n - i);
+      Vec sum[3] = {V::zero(), V::zero(), V::zero()};
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t sample = b * k + j;
+        const scalar_t* values = y + sample * n * P;
+        Vec in[3], mapped[3];
+        chunk.load(position != nullptr ? values : values + i * P, position != nullptr ? position + sample * n + i : nullptr,
+                   count, buffer, in);
+        chunk.map(in, coefficients[j].of, mapped);
+        for (int v = 0; v < 3; ++v) sum[v] = V::add(sum[v], mapped[v]);
+      }
+      for (int v = 0; v < 3; ++v) sum[v] = V::add(V::div(sum[v], static_cast<scalar_t>(k)), shift[v]);
+      chunk.store(out + (b * n + i) * P, count, sum);
+    }
+  });
+}
+
+// Backward of frame_apply, one graph per item (see frame_apply_backward_kernel): per chunk of
+// sample points, grad_R gathers the outer products of the centred points with the upstream
+// gradient, and R_j G is added into the gradient rows of the points it came from.
+template <int C, typename scalar_t>
+void frame_apply_backward_chunked(const scalar_t* grad, const scalar_t* x, const scalar_t* R, const int64_t* perm,
+                                  const scalar_t* center, scalar_t* grad_x, scalar_t* grad_R, int64_t batch,
+                                  int64_t k, int64_t n) {
+  using Chunk = FrameChunk<C, scalar_t>;
+  using V = typename Chunk::V;
+  using Vec = typename Chunk::Vec;
+  const Chunk chunk;
+  constexpr int64_t P = Chunk::kPointSize;
+  at::parallel_for(0, batch, grain_for(k * n * 6 * P), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t buffer[Chunk::kValues], mapped_values[Chunk::kValues];
+    std::vector<scalar_t> graph_grad(n * P);
+    for (int64_t b = begin; b < end; ++b) {
+      Vec shift[3];
+      chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
+      std::fill(graph_grad.begin(), graph_grad.end(), scalar_t(0));
+      const scalar_t* graph = x + b * n * P;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t sample = b * k + j;
+        Vec coefficient[3][3], outer[3][3];
+        chunk.coefficients(R + sample * 9, coefficient);  // (R G)[a] = sum_m R[a, m] G[m]
+        for (int o = 0; o < 3; ++o) {
+          for (int i = 0; i < 3; ++i) outer[o][i] = V::zero();
+        }
+        const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+        for (int64_t r = 0; r < n; r += Chunk::kPoints) {
+          const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
+          Vec upstream[3], points[3], mapped[3];
+          chunk.load(grad + (sample * n + r) * P, nullptr, count, buffer, upstream);
+          chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
+                     count, buffer, points);
+          for (int v = 0; v < 3; ++v) points[v] = V::sub(V::first(count * P - v * Chunk::L), points[v], shift[v]);
+          chunk.accumulate_outer(points, upstream, outer);
+          chunk.map(upstream, coefficient, mapped);
+          if (sample_perm == nullptr) {
+            scalar_t* rows = graph_grad.data() + r * P;
+            for (int v = 0; v < 3; ++v) {
+              const typename Chunk::Mask lanes = V::first(count * P - v * Chunk::L);
+              V::store(lanes, rows + v * Chunk::L, V::add(V::load(lanes, rows + v * Chunk::L), mapped[v]));
+            }
+          } else {
+            chunk.store(mapped_values, count, mapped);
+            for (int64_t t = 0; t < count; ++t) {
+              scalar_t* row = graph_grad.data() + sample_perm[r + t] * P;
+              for (int64_t e = 0; e < P; ++e) row[e] += mapped_values[t * P + e];
+            }
+          }
+        }
+        chunk.reduce_outer(outer, scalar_t(1), grad_R + sample * 9);
+      }
+      std::copy(graph_grad.begin(), graph_grad.end(), grad_x + b * n * P);
+    }
+  });
+}
+
+// Backward of frame_unapply_mean, one sample per item (see frame_unapply_mean_backward_kernel)
+template <int C, typename scalar_t>
+void frame_unapply_mean_backward_chunked(const scalar_t* grad, const scalar_t* y, const scalar_t* R,
+                                         const int64_t* perm, scalar_t* grad_y, scalar_t* grad_R, int64_t batch,
+                                         int64_t k, int64_t n) {
+  using Chunk = FrameChunk<C, scalar_t>;
+  using V = typename Chunk::V;
+  using Vec = typename Chunk::Vec;
+  const Chunk chunk;
+  constexpr int64_t P = Chunk::kPointSize;
+  const scalar_t inverse_k = scalar_t(1) / static_cast<scalar_t>(k);
+  at::parallel_for(0, batch * k, grain_for(n * 6 * P), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t buffer[Chunk::kValues];
+    for (int64_t sample = begin; sample < end; ++sample) {
+      const int64_t b = sample / k;
+      const scalar_t* rotation = R + sample * 9;
+      scalar_t transposed[9];  // grad_y = R^T G / k
+      for (int a = 0; a < 3; ++a) {
+        for (int m = 0; m < 3; ++m) transposed[m * 3 + a] = rotation[a * 3 + m] * inverse_k;
+      }
+      Vec coefficient[3][3], outer[3][3];
+      chunk.coefficients(transposed, coefficient);
+      for (int o = 0; o < 3; ++o) {
+        for (int i = 0; i < 3; ++i) outer[o][i] = V::zero();
+      }
+      const scalar_t* graph = grad + b * n * P;
+      const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+      for (int64_t r = 0; r < n; r += Chunk::kPoints) {
+        const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
+        Vec upstream[3], values[3], mapped[3];
+        chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
+                   count, buffer, upstream);
+        chunk.load(y + (sample * n + r) * P, nullptr, count, buffer, values);
+        chunk.accumulate_outer(upstream, values, outer);
+        chunk.map(upstream, coefficient, mapped);
+        chunk.store(grad_y + (sample * n + r) * P, count, mapped);
+      }
+      chunk.reduce_outer(outer, inverse_k, grad_R + sample * 9);
+    }
+  });
+}
+#endif  // __AVX512F__
+
 // out[b, j, r, m, c] = sum_a R[b, j, a, m] (x[b, p(r), a, c] - center[b, a, c]), one sample
 // (b, j) per item, C (or `channels`) channels per vector
 template <int C, typename scalar_t>
 void frame_apply_kernel(const scalar_t* x, const scalar_t* R, const int64_t* perm, const scalar_t* center,
                         scalar_t* out, int64_t batch, int64_t k, int64_t n, int64_t runtime_channels) {
+#if defined(__AVX512F__)
+  if constexpr (kChunkedFrames<C, scalar_t>) {
+    frame_apply_chunked<C>(x, R, perm, center, out, batch, k, n);
+    return;
+  }
+#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = C > 0 ? C : runtime_channels;
   const int64_t point_size = 3 * channels;
@@ -69,6 +464,12 @@ void frame_apply_kernel(const scalar_t* x, const scalar_t* R, const int64_t* per
 template <int C, typename scalar_t>
 void frame_unapply_mean_kernel(const scalar_t* y, const scalar_t* R, const int64_t* position, const scalar_t* center,
                                scalar_t* out, int64_t batch, int64_t k, int64_t n, int64_t runtime_channels) {
+#if defined(__AVX512F__)
+  if constexpr (kChunkedFrames<C, scalar_t>) {
+    frame_unapply_mean_chunked<C>(y, R, position, center, out, batch, k, n);
+    return;
+  }
+#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = C > 0 ? C : runtime_channels;
   const int64_t point_size = 3 * channels;
@@ -109,6 +510,12 @@ template <int C, typename scalar_t>
 void frame_apply_backward_kernel(const scalar_t* grad, const scalar_t* x, const scalar_t* R, const int64_t* perm,
                                  const scalar_t* center, scalar_t* grad_x, scalar_t* grad_R, int64_t batch,
                                  int64_t k, int64_t n, int64_t runtime_channels) {
+#if defined(__AVX512F__)
+  if constexpr (kChunkedFrames<C, scalar_t>) {
+    frame_apply_backward_chunked<C>(grad, x, R, perm, center, grad_x, grad_R, batch, k, n);
+    return;
+  }
+#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = C > 0 ? C : runtime_channels;
   const int64_t point_size = 3 * channels;
@@ -158,6 +565,12 @@ template <int C, typename scalar_t>
 void frame_unapply_mean_backward_kernel(const scalar_t* grad, const scalar_t* y, const scalar_t* R,
                                         const int64_t* perm, scalar_t* grad_y, scalar_t* grad_R, int64_t batch,
                                         int64_t k, int64_t n, int64_t runtime_channels) {
+#if defined(__AVX512F__)
+  if constexpr (kChunkedFrames<C, scalar_t>) {
+    frame_unapply_mean_backward_chunked<C>(grad, y, R, perm, grad_y, grad_R, batch, k, n);
+    return;
+  }
+#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = C > 0 ? C : runtime_channels;
   const int64_t point_size = 3 * channels;

@@ -41,15 +41,10 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
-// A block of BYTES bytes copied by value; BYTES = 0 means "size known at run time" (memcpy),
-// BYTES = kWholeLines a run-time multiple of 64 bytes, copied as 64-byte blocks (vector moves
+// A block of BYTES bytes copied with a fixed-size memcpy (register moves); BYTES = 0 means "size
+// known at run time" (memcpy), BYTES = kWholeLines a run-time multiple of 64 bytes, copied as 64-byte blocks (vector moves
 // without memcpy's call and size dispatch, which cost as much as a 256-byte row's copy).
 constexpr int kWholeLines = -64;
-
-template <int BYTES>
-struct Block {
-  unsigned char bytes[BYTES];
-};
 
 template <int BYTES>
 inline void copy_block(const unsigned char* from, unsigned char* to, int64_t bytes) {
@@ -58,9 +53,7 @@ inline void copy_block(const unsigned char* from, unsigned char* to, int64_t byt
   } else if constexpr (BYTES == kWholeLines) {
     for (int64_t offset = 0; offset < bytes; offset += 64) copy_block<64>(from + offset, to + offset, 64);
   } else {
-    Block<BYTES> block;
-    std::memcpy(&block, from, BYTES);  // fixed size: compiles to register moves
-    std::memcpy(to, &block, BYTES);
+    std::memcpy(to, from, BYTES);  // fixed size: compiles to register moves
   }
 }
 
@@ -71,25 +64,45 @@ __attribute__((noinline)) void gather_words(const word_t* __restrict__ source, c
   for (int64_t s = 0; s < n; ++s) target[s] = source[index[s]];
 }
 
+// Rows [begin, end) of the node gather out[b, j, r] = x[b, perm[b, j, r]]. The loops that copy
+// bytes take every pointer and size as a restrict or by-value parameter of a function that is not
+// inlined: a byte store may alias anything, so values read through a lambda's captures would be
+// reloaded after every store.
+template <int BYTES>
+__attribute__((noinline)) void gather_node_rows(const unsigned char* __restrict__ x, const int64_t* __restrict__ perm,
+                                                unsigned char* __restrict__ out, int64_t begin, int64_t end,
+                                                int64_t rows_per_graph, int64_t n, int64_t row_bytes) {
+  if constexpr (BYTES > 0) row_bytes = BYTES;  // a constant stride
+  int64_t b = begin / rows_per_graph;
+  const unsigned char* graph = x + b * n * row_bytes;
+  int64_t left = (b + 1) * rows_per_graph - begin;  // rows of graph b still to do
+  for (int64_t row = begin; row < end; ++row) {
+    if (left == 0) {
+      graph += n * row_bytes;
+      left = rows_per_graph;
+    }
+    --left;
+    copy_block<BYTES>(graph + perm[row] * row_bytes, out + row * row_bytes, row_bytes);
+  }
+}
+
 // out[b, j, r] = x[b, perm[b, j, r]] with node rows of `row_bytes` bytes
 template <int BYTES>
 void gather_nodes(const unsigned char* x, const int64_t* perm, unsigned char* out, int64_t batch, int64_t k,
                   int64_t n, int64_t row_bytes) {
   const int64_t rows_per_graph = k * n;
   at::parallel_for(0, batch * rows_per_graph, grain_for(row_bytes / 4 + 1), [&](int64_t begin, int64_t end) {
-    int64_t b = begin / rows_per_graph;
-    const unsigned char* graph = x + b * n * row_bytes;
-    int64_t left = (b + 1) * rows_per_graph - begin;  // rows of graph b still to do
-    for (int64_t row = begin; row < end; ++row) {
-      if (left == 0) {
-        ++b;
-        graph += n * row_bytes;
-        left = rows_per_graph;
-      }
-      --left;
-      copy_block<BYTES>(graph + perm[row] * row_bytes, out + row * row_bytes, row_bytes);
-    }
+    gather_node_rows<BYTES>(x, perm, out, begin, end, rows_per_graph, n, row_bytes);
   });
+}
+
+// One output row of the edge gather: target[s] = source[p[s]] for cells of `cell_bytes` bytes
+// (see gather_node_rows for the parameters)
+template <int BYTES>
+__attribute__((noinline)) void gather_edge_row(const unsigned char* __restrict__ source, const int64_t* __restrict__ p,
+                                               unsigned char* __restrict__ target, int64_t n, int64_t cell_bytes) {
+  if constexpr (BYTES > 0) cell_bytes = BYTES;
+  for (int64_t s = 0; s < n; ++s) copy_block<BYTES>(source + p[s] * cell_bytes, target + s * cell_bytes, cell_bytes);
 }
 
 // out[b, j, r, s] = e[b, perm[r], perm[s]] with edge cells of `cell_bytes` bytes; one output
@@ -115,9 +128,7 @@ void gather_edges(const unsigned char* e, const int64_t* perm, unsigned char* ou
         using word_t = std::conditional_t<BYTES == 4, uint32_t, uint64_t>;
         gather_words(reinterpret_cast<const word_t*>(source), sample_perm, reinterpret_cast<word_t*>(target), n);
       } else {
-        for (int64_t s = 0; s < n; ++s) {
-          copy_block<BYTES>(source + sample_perm[s] * cell_bytes, target + s * cell_bytes, cell_bytes);
-        }
+        gather_edge_row<BYTES>(source, sample_perm, target, n, cell_bytes);
       }
     }
   });
@@ -292,7 +303,8 @@ void scatter_mean_edges_in_registers(const scalar_t* y, const int64_t* position,
 #endif  // __AVX512F__
 
 // Runs the statement with the constexpr int BYTES set to the block size when it is a power of
-// two up to 64, kWholeLines for other multiples of 64, else 0 (memcpy). (A macro rather than a
+// two up to 64 or the size of a point of 1, 2, 4 or 8 float channels (3 C words: 12 to 96 bytes),
+// kWholeLines for other multiples of 64, else 0 (memcpy). (A macro rather than a
 // templated lambda: the extension also builds as C++17.)
 #define LPS_FAST_DISPATCH_BLOCK_SIZE(bytes, BYTES, ...)          \
   switch ((bytes) > 64 && (bytes) % 64 == 0 ? -64 : (bytes)) {   \
@@ -304,6 +316,10 @@ void scatter_mean_edges_in_registers(const scalar_t* y, const int64_t* position,
     case 16: { constexpr int BYTES = 16; __VA_ARGS__; break; }   \
     case 32: { constexpr int BYTES = 32; __VA_ARGS__; break; }   \
     case 64: { constexpr int BYTES = 64; __VA_ARGS__; break; }   \
+    case 12: { constexpr int BYTES = 12; __VA_ARGS__; break; }   \
+    case 24: { constexpr int BYTES = 24; __VA_ARGS__; break; }   \
+    case 48: { constexpr int BYTES = 48; __VA_ARGS__; break; }   \
+    case 96: { constexpr int BYTES = 96; __VA_ARGS__; break; }   \
     default: { constexpr int BYTES = 0; __VA_ARGS__; break; }    \
   }
 
@@ -468,10 +484,64 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void scatter_diago
 
 }  // namespace
 
+namespace {
+
+// Whether row_perm[0..n) holds each of 0..n-1 once: all entries in range and n distinct bits set
+// in a bitmap of the entries (`words`: n / 64 rounded up). Branch-free, so it vectorizes; the
+// rows that fail are walked again to name the first bad entry.
+bool is_permutation(const int64_t* row_perm, int64_t n, uint64_t* words) {
+  const uint64_t size = static_cast<uint64_t>(n);
+  uint64_t outside = 0;
+#if defined(__AVX512F__)
+  if (n <= 64) {  // eight entries a step: range compare, and 1 << entry into the lanes' bitmaps
+    const __m512i one = _mm512_set1_epi64(1), limit = _mm512_set1_epi64(n);
+    __m512i seen = _mm512_setzero_si512();
+    __mmask8 out_of_range = 0;
+    for (int64_t r = 0; r < n; r += 8) {
+      const __mmask8 lanes = n - r >= 8 ? __mmask8(0xFF) : __mmask8((1u << (n - r)) - 1);
+      const __m512i node = _mm512_maskz_loadu_epi64(lanes, row_perm + r);
+      out_of_range |= _mm512_mask_cmpge_epu64_mask(lanes, node, limit);
+      seen = _mm512_or_si512(seen, _mm512_maskz_sllv_epi64(lanes, one, node));
+    }
+    alignas(64) uint64_t lane_bits[8];
+    _mm512_store_si512(lane_bits, seen);
+    uint64_t all = 0;
+    for (int l = 0; l < 8; ++l) all |= lane_bits[l];
+    return out_of_range == 0 && all == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+  }
+#endif
+  if (n <= 64) {
+    uint64_t seen = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      const uint64_t node = static_cast<uint64_t>(row_perm[r]);  // negative entries wrap past n
+      outside |= static_cast<uint64_t>(node >= size);
+      seen |= uint64_t(1) << (node & 63);
+    }
+    return outside == 0 && seen == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+  }
+  const int64_t word_count = (n + 63) / 64;
+  std::fill(words, words + word_count, uint64_t(0));
+  for (int64_t r = 0; r < n; ++r) {
+    const uint64_t node = static_cast<uint64_t>(row_perm[r]);
+    const bool out_of_range = node >= size;
+    outside |= static_cast<uint64_t>(out_of_range);
+    const uint64_t kept = out_of_range ? 0 : node;
+    words[kept >> 6] |= uint64_t(1) << (kept & 63);
+  }
+  int64_t distinct = 0;
+  for (int64_t w = 0; w < word_count; ++w) distinct += __builtin_popcountll(words[w]);
+  return outside == 0 && distinct == n;
+}
+
+}  // namespace
+
 void invert_permutations(const int64_t* perm, int64_t rows, int64_t k, int64_t n, int64_t* inverse) {
   at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> scratch(inverse == nullptr ? n : 0);
+    std::vector<uint64_t> words(inverse == nullptr ? (n + 63) / 64 : 0);
     for (int64_t row = begin; row < end; ++row) {
+      // validation alone: the bitmap check, and the positions only to report a bad row
+      if (inverse == nullptr && is_permutation(perm + row * n, n, words.data())) continue;
       int64_t* position = inverse == nullptr ? scratch.data() : inverse + row * n;
       std::fill(position, position + n, -1);
       const int64_t* row_perm = perm + row * n;
