@@ -12,13 +12,13 @@ namespace {
 at::Tensor frame_apply_cpu(const at::Tensor& x, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
                            const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& soft) {
   check_frame_args(x, "x", /*per_sample=*/false, R, perm, center, soft);
-  return cpu::frame_apply(x.contiguous(), R.contiguous(), contiguous_or_none(perm), contiguous_or_none(center));
+  return cpu::frame_apply(x.contiguous(), R, contiguous_or_none(perm), contiguous_or_none(center));
 }
 
 at::Tensor frame_unapply_mean_cpu(const at::Tensor& y, const at::Tensor& R, const c10::optional<at::Tensor>& perm,
                                   const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& soft) {
   check_frame_args(y, "y", /*per_sample=*/true, R, perm, center, soft);
-  return cpu::frame_unapply_mean(y.contiguous(), R.contiguous(), contiguous_or_none(perm), contiguous_or_none(center));
+  return cpu::frame_unapply_mean(y.contiguous(), R, contiguous_or_none(perm), contiguous_or_none(center));
 }
 
 // The upstream gradient must have the shape of the forward output.
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> frame_apply_backward_cpu(const at::Tensor& gr
                                                             const c10::optional<at::Tensor>& center) {
   check_frame_args(x, "x", /*per_sample=*/false, R, perm, center, c10::nullopt);
   check_grad_shape(grad, {x.size(0), R.size(1), x.size(1), 3, x.size(3)}, x);
-  return cpu::frame_apply_backward(grad.contiguous(), x.contiguous(), R.contiguous(), contiguous_or_none(perm),
+  return cpu::frame_apply_backward(grad.contiguous(), x.contiguous(), R, contiguous_or_none(perm),
                                    contiguous_or_none(center));
 }
 
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> frame_unapply_mean_backward_cpu(const at::Ten
                                                                    const c10::optional<at::Tensor>& perm) {
   check_frame_args(y, "y", /*per_sample=*/true, R, perm, c10::nullopt, c10::nullopt);
   check_grad_shape(grad, {y.size(0), y.size(2), 3, y.size(4)}, y);
-  return cpu::frame_unapply_mean_backward(grad.contiguous(), y.contiguous(), R.contiguous(), contiguous_or_none(perm));
+  return cpu::frame_unapply_mean_backward(grad.contiguous(), y.contiguous(), R, contiguous_or_none(perm));
 }
 
 }  // namespace

@@ -616,6 +616,39 @@ void frame_unapply_mean_backward_kernel(const scalar_t* grad, const scalar_t* y,
     default: { constexpr int C = 0; __VA_ARGS__; break; }  \
   }
 
+// The rotations as contiguous (B k, 3, 3) values: R's own data when it is contiguous, else a copy
+// (a QR factor or a transpose is column-major; at::Tensor::contiguous would cost a few
+// microseconds of dispatch and allocation, as much as a small op's kernel).
+template <typename scalar_t>
+class CompactRotations {
+ public:
+  explicit CompactRotations(const at::Tensor& R) {
+    const scalar_t* source = R.const_data_ptr<scalar_t>();
+    if (R.is_contiguous()) {
+      data_ = source;
+      return;
+    }
+    const int64_t batch = R.size(0), k = R.size(1);
+    const int64_t stride_b = R.stride(0), stride_j = R.stride(1), stride_a = R.stride(2), stride_m = R.stride(3);
+    copy_.resize(batch * k * 9);
+    scalar_t* target = copy_.data();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* rotation = source + b * stride_b + j * stride_j;
+        for (int64_t a = 0; a < 3; ++a) {
+          for (int64_t m = 0; m < 3; ++m) *target++ = rotation[a * stride_a + m * stride_m];
+        }
+      }
+    }
+    data_ = copy_.data();
+  }
+  const scalar_t* data() const { return data_; }
+
+ private:
+  std::vector<scalar_t> copy_;
+  const scalar_t* data_ = nullptr;
+};
+
 template <typename scalar_t>
 const scalar_t* optional_data(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
@@ -638,8 +671,9 @@ at::Tensor frame_apply(const at::Tensor& x, const at::Tensor& R, const c10::opti
   if (out.numel() == 0) return out;
   const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_cpu", [&] {
+    const CompactRotations<scalar_t> rotations(R);
     LPS_FAST_DISPATCH_CHANNELS(channels, C,
-                               frame_apply_kernel<C>(x.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
+                               frame_apply_kernel<C>(x.const_data_ptr<scalar_t>(), rotations.data(),
                                                      perm_data, optional_data<scalar_t>(center),
                                                      out.mutable_data_ptr<scalar_t>(), batch, k, n, channels));
   });
@@ -655,8 +689,9 @@ at::Tensor frame_unapply_mean(const at::Tensor& y, const at::Tensor& R, const c1
   if (perm.has_value()) inverse = inverse_permutation(*perm);
   const int64_t* position = inverse.defined() ? inverse.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "frame_unapply_mean_cpu", [&] {
+    const CompactRotations<scalar_t> rotations(R);
     LPS_FAST_DISPATCH_CHANNELS(channels, C,
-                               frame_unapply_mean_kernel<C>(y.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
+                               frame_unapply_mean_kernel<C>(y.const_data_ptr<scalar_t>(), rotations.data(),
                                                             position, optional_data<scalar_t>(center),
                                                             out.mutable_data_ptr<scalar_t>(), batch, k, n,
                                                             channels));
@@ -673,10 +708,11 @@ std::tuple<at::Tensor, at::Tensor> frame_apply_backward(const at::Tensor& grad, 
   at::Tensor grad_R = at::empty(R.sizes(), R.options());
   const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_apply_backward_cpu", [&] {
+    const CompactRotations<scalar_t> rotations(R);
     LPS_FAST_DISPATCH_CHANNELS(
         channels, C,
         frame_apply_backward_kernel<C>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                       R.const_data_ptr<scalar_t>(), perm_data, optional_data<scalar_t>(center),
+                                       rotations.data(), perm_data, optional_data<scalar_t>(center),
                                        grad_x.mutable_data_ptr<scalar_t>(), grad_R.mutable_data_ptr<scalar_t>(), batch,
                                        k, n, channels));
   });
@@ -691,10 +727,11 @@ std::tuple<at::Tensor, at::Tensor> frame_unapply_mean_backward(const at::Tensor&
   at::Tensor grad_R = at::empty(R.sizes(), R.options());
   const int64_t* perm_data = checked_perm_data(perm, batch, k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "frame_unapply_mean_backward_cpu", [&] {
+    const CompactRotations<scalar_t> rotations(R);
     LPS_FAST_DISPATCH_CHANNELS(
         channels, C,
         frame_unapply_mean_backward_kernel<C>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                              R.const_data_ptr<scalar_t>(), perm_data,
+                                              rotations.data(), perm_data,
                                               grad_y.mutable_data_ptr<scalar_t>(), grad_R.mutable_data_ptr<scalar_t>(),
                                               batch, k, n, channels));
   });
