@@ -187,6 +187,22 @@ struct FrameChunk {
     }
   }
 
+  // map() in two steps, for inputs shared by several maps: aligned[o][i] = align(in, o, i) once,
+  // then the products with each map's coefficients
+  void align_all(const Vec in[3], Vec aligned[3][3]) const {
+    for (int o = 0; o < 3; ++o) {
+      for (int i = 0; i < 3; ++i) aligned[o][i] = align(in, o, i);
+    }
+  }
+
+  void map_aligned(const Vec aligned[3][3], const Vec coefficient[3][3], Vec out[3]) const {
+    for (int o = 0; o < 3; ++o) {
+      Vec acc = V::zero();
+      for (int i = 0; i < 3; ++i) acc = V::fma(coefficient[o][i], aligned[o][i], acc);
+      out[o] = acc;
+    }
+  }
+
   // outer[o][i] += align(a, o, i) * b[o]: summed over the lanes of component m of vector o, the
   // entry (i, m) of sum over points and channels of a_i b_m^T
   void accumulate_outer(const Vec a[3], const Vec b[3], Vec outer[3][3]) const {
@@ -231,6 +247,52 @@ struct FrameChunk {
     for (int v = 0; v < 3; ++v) out[v] = V::load(V::first(L), values + v * L);
   }
 };
+
+// out[b, j, r] = R_j^T (x[b, r] - center[b]) without a permutation: the k samples of a graph map
+// the same points, so each chunk of points is loaded and aligned once and mapped k times; one
+// (graph, chunk of points) per item.
+template <int C, typename scalar_t>
+void frame_apply_shared_points(const scalar_t* x, const scalar_t* R, const scalar_t* center, scalar_t* out,
+                               int64_t batch, int64_t k, int64_t n) {
+  using Chunk = FrameChunk<C, scalar_t>;
+  using V = typename Chunk::V;
+  using Vec = typename Chunk::Vec;
+  struct Coefficients {
+    Vec of[3][3];
+  };
+  const Chunk chunk;
+  constexpr int64_t P = Chunk::kPointSize;
+  const int64_t chunks = (n + Chunk::kPoints - 1) / Chunk::kPoints;
+  at::parallel_for(0, batch * chunks, grain_for(k * Chunk::kValues * 3), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t buffer[Chunk::kValues];
+    std::vector<Coefficients> coefficients(k);
+    Vec shift[3] = {V::zero(), V::zero(), V::zero()};
+    int64_t graph = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, r = (item - b * chunks) * Chunk::kPoints;
+      if (b != graph) {
+        graph = b;
+        chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* rotation = R + (b * k + j) * 9;
+          const scalar_t transposed[9] = {rotation[0], rotation[3], rotation[6], rotation[1], rotation[4],
+                                          rotation[7], rotation[2], rotation[5], rotation[8]};
+          chunk.coefficients(transposed, coefficients[j].of);
+        }
+      }
+      const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
+      Vec in[3], aligned[3][3];
+      chunk.load(x + (b * n + r) * P, nullptr, count, buffer, in);
+      for (int v = 0; v < 3; ++v) in[v] = V::sub(V::first(count * P - v * Chunk::L), in[v], shift[v]);
+      chunk.align_all(in, aligned);
+      for (int64_t j = 0; j < k; ++j) {
+        Vec mapped[3];
+        chunk.map_aligned(aligned, coefficients[j].of, mapped);
+        chunk.store(out + ((b * k + j) * n + r) * P, count, mapped);
+      }
+    }
+  });
+}
 
 // out[b, j, r] = R_j^T (x[b, p(r)] - center[b]), one sample per item (see frame_apply_kernel)
 template <int C, typename scalar_t>
@@ -423,7 +485,11 @@ void frame_apply_kernel(const scalar_t* x, const scalar_t* R, const int64_t* per
                         scalar_t* out, int64_t batch, int64_t k, int64_t n, int64_t runtime_channels) {
 #if defined(__AVX512F__)
   if constexpr (kChunkedFrames<C, scalar_t>) {
-    frame_apply_chunked<C>(x, R, perm, center, out, batch, k, n);
+    if (perm == nullptr) {
+      frame_apply_shared_points<C>(x, R, center, out, batch, k, n);
+    } else {
+      frame_apply_chunked<C>(x, R, perm, center, out, batch, k, n);
+    }
     return;
   }
 #endif
