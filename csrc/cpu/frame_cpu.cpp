@@ -39,10 +39,11 @@ int64_t grain_for(int64_t elements_per_item) {
 // The frame kernels vectorized across points. Point data is (n, 3, C): a chunk of three vectors
 // (3 L values, L lanes) holds L / C whole points when C divides L. A 3 x 3 map of every point in
 // a chunk is then nine aligned products: for each output vector o and input component i, the
-// lanes of component i of each output lane's point and channel, gathered from the three input
-// vectors by two permutes and a blend, times a coefficient vector (the matrix entry of each
+// lanes of component i of each output lane's point and channel, gathered from two adjacent input
+// vectors by one two-table permute (two and a blend where they span all three), times a
+// coefficient vector (the matrix entry of each
 // output lane's component). The kernels below run on such chunks, with masked loads and stores
-// for the last one; rows gathered by a permutation are copied into a chunk buffer first.
+// for the last one; the rows of a permuted sample are copied in order first (see gather_rows).
 template <typename scalar_t>
 struct FrameLanes;
 
@@ -222,17 +223,17 @@ struct FrameChunk {
     }
   }
 
-  // The values of `count` points: rows[0..count) of `base`, or rows index[0..count) when index is
-  // given (copied into `buffer`, 3 L values); lanes past the points are zero.
-  void load(const scalar_t* base, const int64_t* index, int64_t count, scalar_t* buffer, Vec in[3]) const {
-    const scalar_t* from = base;
-    if (index != nullptr) {
-      for (int64_t t = 0; t < count; ++t) {
-        std::memcpy(buffer + t * kPointSize, base + index[t] * kPointSize, kPointSize * sizeof(scalar_t));
-      }
-      from = buffer;
-    }
+  // The values of `count` points from `from` (rows of 3 C values); lanes past them are zero.
+  void load(const scalar_t* from, int64_t count, Vec in[3]) const {
     for (int v = 0; v < 3; ++v) in[v] = V::load(V::first(count * kPointSize - v * L), from + v * L);
+  }
+
+  // rows[t] = base[index[t]] for t < count: a sample's permuted points copied once, before its
+  // chunks are loaded (vector loads of rows just written by narrower stores would wait for them)
+  static void gather_rows(const scalar_t* base, const int64_t* index, int64_t count, scalar_t* rows) {
+    for (int64_t t = 0; t < count; ++t) {
+      std::memcpy(rows + t * kPointSize, base + index[t] * kPointSize, sizeof(scalar_t) * kPointSize);
+    }
   }
 
   void store(scalar_t* to, int64_t count, const Vec out[3]) const {
@@ -264,7 +265,6 @@ void frame_apply_shared_points(const scalar_t* x, const scalar_t* R, const scala
   constexpr int64_t P = Chunk::kPointSize;
   const int64_t chunks = (n + Chunk::kPoints - 1) / Chunk::kPoints;
   at::parallel_for(0, batch * chunks, grain_for(k * Chunk::kValues * 3), [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t buffer[Chunk::kValues];
     std::vector<Coefficients> coefficients(k);
     Vec shift[3] = {V::zero(), V::zero(), V::zero()};
     int64_t graph = -1;
@@ -282,7 +282,7 @@ void frame_apply_shared_points(const scalar_t* x, const scalar_t* R, const scala
       }
       const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
       Vec in[3], aligned[3][3];
-      chunk.load(x + (b * n + r) * P, nullptr, count, buffer, in);
+      chunk.load(x + (b * n + r) * P, count, in);
       for (int v = 0; v < 3; ++v) in[v] = V::sub(V::first(count * P - v * Chunk::L), in[v], shift[v]);
       chunk.align_all(in, aligned);
       for (int64_t j = 0; j < k; ++j) {
@@ -304,7 +304,7 @@ void frame_apply_chunked(const scalar_t* x, const scalar_t* R, const int64_t* pe
   const Chunk chunk;
   constexpr int64_t P = Chunk::kPointSize;
   at::parallel_for(0, batch * k, grain_for(n * 3 * P), [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t buffer[Chunk::kValues];
+    std::vector<scalar_t> gathered(n * P);
     Vec shift[3] = {V::zero(), V::zero(), V::zero()};
     int64_t graph_of_shift = -1;
     for (int64_t sample = begin; sample < end; ++sample) {
@@ -318,13 +318,15 @@ void frame_apply_chunked(const scalar_t* x, const scalar_t* R, const int64_t* pe
       const scalar_t transposed[9] = {rotation[0], rotation[3], rotation[6], rotation[1], rotation[4],
                                       rotation[7], rotation[2], rotation[5], rotation[8]};
       chunk.coefficients(transposed, coefficient);
-      const scalar_t* graph = x + b * n * P;
-      const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+      const scalar_t* points = x + b * n * P;
+      if (perm != nullptr) {
+        Chunk::gather_rows(points, perm + sample * n, n, gathered.data());
+        points = gathered.data();
+      }
       for (int64_t r = 0; r < n; r += Chunk::kPoints) {
         const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
         Vec in[3], mapped[3];
-        chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
-                   count, buffer, in);
+        chunk.load(points + r * P, count, in);
         for (int v = 0; v < 3; ++v) in[v] = V::sub(V::first(count * P - v * Chunk::L), in[v], shift[v]);
         chunk.map(in, coefficient, mapped);
         chunk.store(out + (sample * n + r) * P, count, mapped);
@@ -349,8 +351,8 @@ void frame_unapply_mean_chunked(const scalar_t* y, const scalar_t* R, const int6
   const int64_t chunks = (n + Chunk::kPoints - 1) / Chunk::kPoints;
   // one (graph, chunk of points) per item; the coefficients and center of a graph are reused
   at::parallel_for(0, batch * chunks, grain_for(k * Chunk::kValues * 3), [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t buffer[Chunk::kValues];
     std::vector<Coefficients> coefficients(k);
+    std::vector<scalar_t> gathered(position != nullptr ? k * n * P : 0);  // y[b, j, q_j(i)] of a graph
     Vec shift[3] = {V::zero(), V::zero(), V::zero()};
     int64_t graph = -1;
     for (int64_t item = begin; item < end; ++item) {
@@ -358,16 +360,20 @@ void frame_unapply_mean_chunked(const scalar_t* y, const scalar_t* R, const int6
       if (b != graph) {
         graph = b;
         chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
-        for (int64_t j = 0; j < k; ++j) chunk.coefficients(R + (b * k + j) * 9, coefficients[j].of);
+        for (int64_t j = 0; j < k; ++j) {
+          chunk.coefficients(R + (b * k + j) * 9, coefficients[j].of);
+          if (position != nullptr) {
+            Chunk::gather_rows(y + (b * k + j) * n * P, position + (b * k + j) * n, n, gathered.data() + j * n * P);
+          }
+        }
       }
       const int64_t count = std::min<int64_t>(Chunk::kPoints, n - i);
       Vec sum[3] = {V::zero(), V::zero(), V::zero()};
       for (int64_t j = 0; j < k; ++j) {
         const int64_t sample = b * k + j;
-        const scalar_t* values = y + sample * n * P;
+        const scalar_t* values = position != nullptr ? gathered.data() + j * n * P : y + sample * n * P;
         Vec in[3], mapped[3];
-        chunk.load(position != nullptr ? values : values + i * P, position != nullptr ? position + sample * n + i : nullptr,
-                   count, buffer, in);
+        chunk.load(values + i * P, count, in);
         chunk.map(in, coefficients[j].of, mapped);
         for (int v = 0; v < 3; ++v) sum[v] = V::add(sum[v], mapped[v]);
       }
@@ -390,8 +396,8 @@ void frame_apply_backward_chunked(const scalar_t* grad, const scalar_t* x, const
   const Chunk chunk;
   constexpr int64_t P = Chunk::kPointSize;
   at::parallel_for(0, batch, grain_for(k * n * 6 * P), [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t buffer[Chunk::kValues], mapped_values[Chunk::kValues];
-    std::vector<scalar_t> graph_grad(n * P);
+    alignas(64) scalar_t mapped_values[Chunk::kValues];
+    std::vector<scalar_t> graph_grad(n * P), gathered(perm != nullptr ? n * P : 0);
     for (int64_t b = begin; b < end; ++b) {
       Vec shift[3];
       chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
@@ -405,12 +411,16 @@ void frame_apply_backward_chunked(const scalar_t* grad, const scalar_t* x, const
           for (int i = 0; i < 3; ++i) outer[o][i] = V::zero();
         }
         const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+        const scalar_t* sample_points = graph;
+        if (sample_perm != nullptr) {
+          Chunk::gather_rows(graph, sample_perm, n, gathered.data());
+          sample_points = gathered.data();
+        }
         for (int64_t r = 0; r < n; r += Chunk::kPoints) {
           const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
           Vec upstream[3], points[3], mapped[3];
-          chunk.load(grad + (sample * n + r) * P, nullptr, count, buffer, upstream);
-          chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
-                     count, buffer, points);
+          chunk.load(grad + (sample * n + r) * P, count, upstream);
+          chunk.load(sample_points + r * P, count, points);
           for (int v = 0; v < 3; ++v) points[v] = V::sub(V::first(count * P - v * Chunk::L), points[v], shift[v]);
           chunk.accumulate_outer(points, upstream, outer);
           chunk.map(upstream, coefficient, mapped);
@@ -447,7 +457,7 @@ void frame_unapply_mean_backward_chunked(const scalar_t* grad, const scalar_t* y
   constexpr int64_t P = Chunk::kPointSize;
   const scalar_t inverse_k = scalar_t(1) / static_cast<scalar_t>(k);
   at::parallel_for(0, batch * k, grain_for(n * 6 * P), [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t buffer[Chunk::kValues];
+    std::vector<scalar_t> gathered(perm != nullptr ? n * P : 0);
     for (int64_t sample = begin; sample < end; ++sample) {
       const int64_t b = sample / k;
       const scalar_t* rotation = R + sample * 9;
@@ -460,14 +470,16 @@ void frame_unapply_mean_backward_chunked(const scalar_t* grad, const scalar_t* y
       for (int o = 0; o < 3; ++o) {
         for (int i = 0; i < 3; ++i) outer[o][i] = V::zero();
       }
-      const scalar_t* graph = grad + b * n * P;
-      const int64_t* sample_perm = perm != nullptr ? perm + sample * n : nullptr;
+      const scalar_t* upstream_points = grad + b * n * P;
+      if (perm != nullptr) {
+        Chunk::gather_rows(upstream_points, perm + sample * n, n, gathered.data());
+        upstream_points = gathered.data();
+      }
       for (int64_t r = 0; r < n; r += Chunk::kPoints) {
         const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
         Vec upstream[3], values[3], mapped[3];
-        chunk.load(sample_perm != nullptr ? graph : graph + r * P, sample_perm != nullptr ? sample_perm + r : nullptr,
-                   count, buffer, upstream);
-        chunk.load(y + (sample * n + r) * P, nullptr, count, buffer, values);
+        chunk.load(upstream_points + r * P, count, upstream);
+        chunk.load(y + (sample * n + r) * P, count, values);
         chunk.accumulate_outer(upstream, values, outer);
         chunk.map(upstream, coefficient, mapped);
         chunk.store(grad_y + (sample * n + r) * P, count, mapped);
