@@ -405,9 +405,10 @@ def register_autograd(ops: OpSet, names=None) -> None:
         y, perm = ctx.saved_tensors
         needs = _needs_grad(ctx, 4)
         grad_y = grad_soft = None
-        scaled = grad / ctx.k
+        fused_diagonal = ctx.diagonal and _fused_cpu_backward(ops, grad)
+        scaled = grad / ctx.k if needs[2] or (needs[0] and not fused_diagonal) else None
         if needs[0]:
-            if ctx.diagonal and _fused_cpu_backward(ops, grad):
+            if fused_diagonal:
                 grad_y = ops.unpermute_edges_mean_diagonal_backward(grad, perm)
             elif ctx.diagonal:
                 # d/dy of a diagonal is the diagonal: dy[j, r, r] = G[p(r)] / k, zero elsewhere.
@@ -478,8 +479,9 @@ def register_autograd(ops: OpSet, names=None) -> None:
         y, R, perm = ctx.saved_tensors
         needs_y, needs_R, _, needs_center, needs_soft = _needs_grad(ctx, 5)
         grad_y = grad_R = grad_center = grad_soft = None
-        scaled = grad / ctx.k
-        if (needs_y or needs_R) and _fused_cpu_backward(ops, grad):
+        fused = (needs_y or needs_R) and _fused_cpu_backward(ops, grad)
+        scaled = grad / ctx.k if needs_soft or not fused else None
+        if fused:
             grad_y, grad_R = ops.frame_unapply_mean_backward(grad, y, R, perm)
             grad_y = grad_y if needs_y else None
             grad_R = grad_R if needs_R else None
