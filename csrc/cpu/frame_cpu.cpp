@@ -22,7 +22,7 @@
 #include "cpu/permute_cpu.h"
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "cpu/vector512.h"
 #endif
 
 namespace lps_fast {
@@ -44,68 +44,6 @@ int64_t grain_for(int64_t elements_per_item) {
 // coefficient vector (the matrix entry of each
 // output lane's component). The kernels below run on such chunks, with masked loads and stores
 // for the last one; the rows of a permuted sample are copied in order first (see gather_rows).
-template <typename scalar_t>
-struct FrameLanes;
-
-template <>
-struct FrameLanes<float> {
-  using Vec = __m512;
-  using Mask = __mmask16;
-  using index_t = int32_t;
-  static constexpr int L = 16;
-  static Mask first(int64_t count) { return count >= L ? Mask(0xFFFF) : count <= 0 ? Mask(0) : Mask((1u << count) - 1); }
-  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(Mask m, float* p, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
-  static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
-  static Vec pick(Vec a, __m512i index, Vec b) { return _mm512_permutex2var_ps(a, index, b); }
-  static Vec pick(__m512i index, Vec a) { return _mm512_permutex2var_ps(a, index, a); }  // index mod L
-  static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, a, b); }
-  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-  static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_ps(m, a, b); }
-  static Vec div(Vec a, float b) { return _mm512_div_ps(a, _mm512_set1_ps(b)); }
-  static Vec zero() { return _mm512_setzero_ps(); }
-  static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_ps(m, v); }
-  // the sum of all lanes, by butterflies of two-table permutes (gcc 12 warns on the reduce
-  // intrinsics, whose shuffles pass an undefined vector)
-  static float sum(Vec v) {
-    for (int step = 8; step >= 1; step /= 2) {
-      const __m512i partner = _mm512_xor_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(step));
-      v = _mm512_add_ps(v, _mm512_permutex2var_ps(v, partner, v));
-    }
-    return _mm512_cvtss_f32(v);
-  }
-};
-
-template <>
-struct FrameLanes<double> {
-  using Vec = __m512d;
-  using Mask = __mmask8;
-  using index_t = int64_t;
-  static constexpr int L = 8;
-  static Mask first(int64_t count) { return count >= L ? Mask(0xFF) : count <= 0 ? Mask(0) : Mask((1u << count) - 1); }
-  static Vec load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
-  static void store(Mask m, double* p, Vec v) { _mm512_mask_storeu_pd(p, m, v); }
-  static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
-  static Vec pick(Vec a, __m512i index, Vec b) { return _mm512_permutex2var_pd(a, index, b); }
-  static Vec pick(__m512i index, Vec a) { return _mm512_permutex2var_pd(a, index, a); }  // index mod L
-  static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_pd(m, a, b); }
-  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_pd(a, b, c); }
-  static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
-  static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_pd(m, a, b); }
-  static Vec div(Vec a, double b) { return _mm512_div_pd(a, _mm512_set1_pd(b)); }
-  static Vec zero() { return _mm512_setzero_pd(); }
-  static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_pd(m, v); }
-  static double sum(Vec v) {
-    for (int step = 4; step >= 1; step /= 2) {
-      const __m512i partner = _mm512_xor_si512(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(step));
-      v = _mm512_add_pd(v, _mm512_permutex2var_pd(v, partner, v));
-    }
-    return _mm512_cvtsd_f64(v);
-  }
-};
-
 // Whether the chunked form serves C channels of scalar_t (half types take the scalar loops).
 template <int C, typename scalar_t>
 constexpr bool kChunkedFrames =
@@ -113,10 +51,10 @@ constexpr bool kChunkedFrames =
 
 template <int C, typename scalar_t>
 struct FrameChunk {
-  using V = FrameLanes<scalar_t>;
+  using V = Vector512<scalar_t>;
   using Vec = typename V::Vec;
   using Mask = typename V::Mask;
-  static constexpr int L = V::L;
+  static constexpr int L = V::kLanes;
   static constexpr int kPointSize = 3 * C;
   static constexpr int kPoints = L / C;       // points per chunk
   static constexpr int kValues = 3 * L;       // values per chunk
@@ -177,6 +115,15 @@ struct FrameChunk {
       const Vec column = V::load(V::first(3), column_values);
       for (int o = 0; o < 3; ++o) coefficient[o][i] = V::pick(component[o], column);
     }
+  }
+
+  // The coefficients of scale * M^T (the maps by R^T of frame_apply and its adjoint's gradient).
+  void transposed_coefficients(const scalar_t M[9], scalar_t scale, Vec coefficient[3][3]) const {
+    scalar_t transposed[9];
+    for (int a = 0; a < 3; ++a) {
+      for (int m = 0; m < 3; ++m) transposed[m * 3 + a] = M[a * 3 + m] * scale;
+    }
+    coefficients(transposed, coefficient);
   }
 
   // out[o] = sum_i coefficient[o][i] * align(in, o, i): the map applied to every point
@@ -273,12 +220,7 @@ void frame_apply_shared_points(const scalar_t* x, const scalar_t* R, const scala
       if (b != graph) {
         graph = b;
         chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* rotation = R + (b * k + j) * 9;
-          const scalar_t transposed[9] = {rotation[0], rotation[3], rotation[6], rotation[1], rotation[4],
-                                          rotation[7], rotation[2], rotation[5], rotation[8]};
-          chunk.coefficients(transposed, coefficients[j].of);
-        }
+        for (int64_t j = 0; j < k; ++j) chunk.transposed_coefficients(R + (b * k + j) * 9, 1, coefficients[j].of);
       }
       const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
       Vec in[3], aligned[3][3];
@@ -294,9 +236,10 @@ void frame_apply_shared_points(const scalar_t* x, const scalar_t* R, const scala
   });
 }
 
-// out[b, j, r] = R_j^T (x[b, p(r)] - center[b]), one sample per item (see frame_apply_kernel)
+// out[b, j, r] = R_j^T (x[b, p(r)] - center[b]) with a permutation, one sample per item (see
+// frame_apply_kernel)
 template <int C, typename scalar_t>
-void frame_apply_chunked(const scalar_t* x, const scalar_t* R, const int64_t* perm, const scalar_t* center,
+void frame_apply_permuted(const scalar_t* x, const scalar_t* R, const int64_t* perm, const scalar_t* center,
                          scalar_t* out, int64_t batch, int64_t k, int64_t n) {
   using Chunk = FrameChunk<C, scalar_t>;
   using V = typename Chunk::V;
@@ -314,19 +257,12 @@ void frame_apply_chunked(const scalar_t* x, const scalar_t* R, const int64_t* pe
         chunk.pattern(center != nullptr ? center + b * P : nullptr, shift);
       }
       Vec coefficient[3][3];
-      const scalar_t* rotation = R + sample * 9;
-      const scalar_t transposed[9] = {rotation[0], rotation[3], rotation[6], rotation[1], rotation[4],
-                                      rotation[7], rotation[2], rotation[5], rotation[8]};
-      chunk.coefficients(transposed, coefficient);
-      const scalar_t* points = x + b * n * P;
-      if (perm != nullptr) {
-        Chunk::gather_rows(points, perm + sample * n, n, gathered.data());
-        points = gathered.data();
-      }
+      chunk.transposed_coefficients(R + sample * 9, 1, coefficient);
+      Chunk::gather_rows(x + b * n * P, perm + sample * n, n, gathered.data());
       for (int64_t r = 0; r < n; r += Chunk::kPoints) {
         const int64_t count = std::min<int64_t>(Chunk::kPoints, n - r);
         Vec in[3], mapped[3];
-        chunk.load(points + r * P, count, in);
+        chunk.load(gathered.data() + r * P, count, in);
         for (int v = 0; v < 3; ++v) in[v] = V::sub(V::first(count * P - v * Chunk::L), in[v], shift[v]);
         chunk.map(in, coefficient, mapped);
         chunk.store(out + (sample * n + r) * P, count, mapped);
@@ -460,13 +396,8 @@ void frame_unapply_mean_backward_chunked(const scalar_t* grad, const scalar_t* y
     std::vector<scalar_t> gathered(perm != nullptr ? n * P : 0);
     for (int64_t sample = begin; sample < end; ++sample) {
       const int64_t b = sample / k;
-      const scalar_t* rotation = R + sample * 9;
-      scalar_t transposed[9];  // grad_y = R^T G / k
-      for (int a = 0; a < 3; ++a) {
-        for (int m = 0; m < 3; ++m) transposed[m * 3 + a] = rotation[a * 3 + m] * inverse_k;
-      }
       Vec coefficient[3][3], outer[3][3];
-      chunk.coefficients(transposed, coefficient);
+      chunk.transposed_coefficients(R + sample * 9, inverse_k, coefficient);  // grad_y = R^T G / k
       for (int o = 0; o < 3; ++o) {
         for (int i = 0; i < 3; ++i) outer[o][i] = V::zero();
       }
@@ -500,7 +431,7 @@ void frame_apply_kernel(const scalar_t* x, const scalar_t* R, const int64_t* per
     if (perm == nullptr) {
       frame_apply_shared_points<C>(x, R, center, out, batch, k, n);
     } else {
-      frame_apply_chunked<C>(x, R, perm, center, out, batch, k, n);
+      frame_apply_permuted<C>(x, R, perm, center, out, batch, k, n);
     }
     return;
   }

@@ -27,7 +27,7 @@
 #include "common.h"
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "cpu/vector512.h"
 #endif
 
 namespace lps_fast {
@@ -42,8 +42,9 @@ int64_t grain_for(int64_t elements_per_item) {
 }
 
 // A block of BYTES bytes copied with a fixed-size memcpy (register moves); BYTES = 0 means "size
-// known at run time" (memcpy), BYTES = kWholeLines a run-time multiple of 64 bytes, copied as 64-byte blocks (vector moves
-// without memcpy's call and size dispatch, which cost as much as a 256-byte row's copy).
+// known at run time" (memcpy), BYTES = kWholeLines a run-time multiple of 64 bytes, copied as
+// 64-byte blocks (vector moves without memcpy's call and size dispatch, which cost as much as a
+// 256-byte row's copy).
 constexpr int kWholeLines = -64;
 
 template <int BYTES>
@@ -231,28 +232,6 @@ void gather_edges_in_registers(const unsigned char* e, const int64_t* perm, unsi
   });
 }
 
-// Float or double sums of permuted words (a cell of two floats adds as two float lanes).
-template <typename scalar_t>
-struct SumLanes;
-
-template <>
-struct SumLanes<float> {
-  using Vec = __m512;
-  static Vec zero() { return _mm512_setzero_ps(); }
-  static Vec add(Vec a, __m512i words) { return _mm512_add_ps(a, _mm512_castsi512_ps(words)); }
-  static __m512i divide(Vec a, float divisor) { return _mm512_castps_si512(_mm512_div_ps(a, _mm512_set1_ps(divisor))); }
-};
-
-template <>
-struct SumLanes<double> {
-  using Vec = __m512d;
-  static Vec zero() { return _mm512_setzero_pd(); }
-  static Vec add(Vec a, __m512i words) { return _mm512_add_pd(a, _mm512_castsi512_pd(words)); }
-  static __m512i divide(Vec a, double divisor) {
-    return _mm512_castpd_si512(_mm512_div_pd(a, _mm512_set1_pd(divisor)));
-  }
-};
-
 // out[b, i, t] = sum_j y[b, j, q_j(i), q_j(t)] / divisor with q_j the inverse of sample j's
 // permutation, for one-word cells of float or double channels (acc_t == scalar_t): the register
 // form of scatter_mean_edges without DIAGONAL. Same sums in the same order, so the same bits.
@@ -260,7 +239,7 @@ template <int BYTES, int PAIRS, typename scalar_t>
 void scatter_mean_edges_in_registers(const scalar_t* y, const int64_t* position, scalar_t* out, int64_t batch,
                                      int64_t k, int64_t n, int64_t divisor) {
   using L = WordLanes<BYTES>;
-  using S = SumLanes<scalar_t>;
+  using S = Vector512<scalar_t>;  // float or double lanes: a cell of two floats adds as two
   const int64_t row_bytes = n * BYTES;
   const int64_t vectors = (n + L::kLanes - 1) / L::kLanes;
   const auto* source = reinterpret_cast<const unsigned char*>(y);
@@ -279,13 +258,14 @@ void scatter_mean_edges_in_registers(const scalar_t* y, const int64_t* position,
           const TableRow<BYTES, PAIRS> row(source + (sample * n + position[sample * n + i]) * row_bytes, n);
           const auto* words = index.data() + j * vectors * L::kLanes;
           for (int v = 0; v < 2 * PAIRS; ++v) {
-            if (v < vectors) sum[v] = S::add(sum[v], row.lookup(_mm512_loadu_si512(words + v * L::kLanes)));
+            if (v >= vectors) continue;
+            sum[v] = S::add(sum[v], S::from_bits(row.lookup(_mm512_loadu_si512(words + v * L::kLanes))));
           }
         }
         unsigned char* to = target + (b * n + i) * row_bytes;
         for (int v = 0; v < vectors; ++v) {
           L::store(L::first(n - v * L::kLanes), to + v * L::kLanes * BYTES,
-                   S::divide(sum[v], static_cast<scalar_t>(divisor)));
+                   S::to_bits(S::div(sum[v], static_cast<scalar_t>(divisor))));
         }
       }
     }
@@ -510,19 +490,10 @@ bool is_permutation(const int64_t* row_perm, int64_t n, uint64_t* words) {
     return out_of_range == 0 && all == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
   }
 #endif
-  if (n <= 64) {
-    uint64_t seen = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      const uint64_t node = static_cast<uint64_t>(row_perm[r]);  // negative entries wrap past n
-      outside |= static_cast<uint64_t>(node >= size);
-      seen |= uint64_t(1) << (node & 63);
-    }
-    return outside == 0 && seen == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
-  }
   const int64_t word_count = (n + 63) / 64;
   std::fill(words, words + word_count, uint64_t(0));
   for (int64_t r = 0; r < n; ++r) {
-    const uint64_t node = static_cast<uint64_t>(row_perm[r]);
+    const uint64_t node = static_cast<uint64_t>(row_perm[r]);  // negative entries wrap past n
     const bool out_of_range = node >= size;
     outside |= static_cast<uint64_t>(out_of_range);
     const uint64_t kept = out_of_range ? 0 : node;
@@ -615,9 +586,10 @@ at::Tensor scatter_nodes(const at::Tensor& y, const at::Tensor& perm, int64_t di
     invert_permutations(perm.const_data_ptr<int64_t>(), batch * k, k, n, nullptr);  // validates
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_mean_cpu", [&] {
       LPS_FAST_DISPATCH_FEATURES(features, F,
-                                 scatter_mean_nodes_streamed<F>(y.const_data_ptr<scalar_t>(), perm.const_data_ptr<int64_t>(),
-                                                                out.mutable_data_ptr<scalar_t>(), batch, k, n, features,
-                                                                divisor));
+                                 scatter_mean_nodes_streamed<F>(y.const_data_ptr<scalar_t>(),
+                                                                perm.const_data_ptr<int64_t>(),
+                                                                out.mutable_data_ptr<scalar_t>(), batch, k, n,
+                                                                features, divisor));
     });
     return out;
   }

@@ -26,7 +26,7 @@
 #include <vector>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "cpu/vector512.h"
 #endif
 
 namespace lps_fast {
@@ -40,40 +40,14 @@ constexpr int64_t kMaxChunks = 64;   // fixed reduction chunks: deterministic su
 // per-entry rows are short (tens of channels), where a plain loop spends more time in its scalar
 // tail and alias checks than in the work. With AVX-512, whole vectors and one masked tail.
 #if defined(__AVX512F__)
-// 512-bit loads and stores of float or double, with a masked form for the tail
-template <typename T>
-struct Wide;
-template <>
-struct Wide<float> {
-  static constexpr int64_t kLanes = 16;
-  using Vec = __m512;
-  using Mask = __mmask16;
-  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-  static void store(Mask m, float* p, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
-  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-};
-template <>
-struct Wide<double> {
-  static constexpr int64_t kLanes = 8;
-  using Vec = __m512d;
-  using Mask = __mmask8;
-  static Vec load(const double* p) { return _mm512_loadu_pd(p); }
-  static Vec load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
-  static void store(double* p, Vec v) { _mm512_storeu_pd(p, v); }
-  static void store(Mask m, double* p, Vec v) { _mm512_mask_storeu_pd(p, m, v); }
-  static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
-};
-
 template <bool kAdd, typename T>
 inline void move_row(T* dst, const T* src, int64_t count) {
-  using W = Wide<T>;
+  using W = Vector512<T>;
   int64_t c = 0;
   for (; c + W::kLanes <= count; c += W::kLanes)
     W::store(dst + c, kAdd ? W::add(W::load(dst + c), W::load(src + c)) : W::load(src + c));
   if (c < count) {
-    const auto tail = static_cast<typename W::Mask>((1u << (count - c)) - 1);
+    const auto tail = W::first(count - c);
     W::store(tail, dst + c, kAdd ? W::add(W::load(tail, dst + c), W::load(tail, src + c)) : W::load(tail, src + c));
   }
 }
