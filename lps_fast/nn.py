@@ -614,17 +614,22 @@ class VNDGCNN(nn.Module):
         context = _masked_node_mean(x, mask, node_dim=1)[:, None].expand_as(x)
         x = torch.cat([x, context], dim=-1)  # [N, n, 3, 2C]
         local = self.std_frame(self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
-        # coordinates of x in that frame, [N, n, 2C, 3] (a batched matmul per node: forward and
-        # backward 1.8x faster than broadcasting over the xyz dim)
-        invariant = torch.matmul(x.transpose(-1, -2), local)
+        # coordinates of x in that frame, held as [N, n, 3, 2C] (frame vector e, channel c): a
+        # broadcast product summed over xyz with the channels innermost runs forward and backward
+        # 1.7x faster than a batched 3 x 3 matmul per node, [N, n, 2C, 3].
+        invariant = (local.transpose(-1, -2).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
         pooled = invariant.flatten(-2)
         if mask is not None:
             pooled = pooled.masked_fill(~mask[..., None], float("-inf"))
-        pooled = pooled.max(dim=1).values  # [N, 3 * 2C]
+        # max over nodes: amax (values only) is several times faster than max with indices; exact
+        # ties share the gradient, a subgradient as good as the first maximum's
+        pooled = pooled.amax(dim=1)  # [N, 3 * 2C], index e * 2C + c
         # score_head on [pooled, coordinates of x12 in the local frame]: the second part is linear
         # in those coordinates, so it is applied to x12 first (one matmul, no per-node products).
+        # The head's weights keep the (channel, frame vector) order of the coordinates.
         weight = self.score_head.weight[0]
-        head_pooled, head_pair = weight[:pooled.shape[-1]], weight[pooled.shape[-1]:].reshape(x12.shape[-1], 3)
+        head_pooled = weight[:pooled.shape[-1]].reshape(x.shape[-1], 3).t().reshape(-1)
+        head_pair = weight[pooled.shape[-1]:].reshape(x12.shape[-1], 3)
         pair_term = (torch.matmul(x12, head_pair) * local).sum(dim=(-1, -2))  # [N, n]
         scores = pair_term + torch.matmul(pooled, head_pooled)[:, None] + self.score_head.bias[0]
         if mask is not None:

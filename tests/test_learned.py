@@ -264,6 +264,34 @@ def test_vn_dgcnn_shapes_and_dropout_is_off_in_eval():
     torch.testing.assert_close(net(v)[0], net(v)[0])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_vn_dgcnn_scores_are_the_score_head_on_pooled_and_per_node_coordinates(masked):
+    """The score head is one linear layer on [max over nodes of the coordinates of x in each
+    node's frame, the coordinates of x12 in that frame], coordinates ordered (channel, frame
+    vector); the network evaluates it in a cheaper order, which must not change the function."""
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double().eval()
+    v = torch.randn(6, 5, 3, 2, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]] * 3) if masked else None
+    _, scores = net(v, mask)
+
+    x1 = net._edge_conv(v, mask, net.conv1, net.pool1)
+    x2 = net._edge_conv(x1, mask, net.conv2, net.pool2)
+    x12 = torch.cat([x1, x2], dim=-1)
+    x = net.conv3(x12, mask)
+    node_mask = torch.ones(6, 5, dtype=torch.bool) if mask is None else mask
+    weights = node_mask[..., None, None].double()
+    context = (x * weights).sum(1) / weights.sum(1)
+    x = torch.cat([x, context[:, None].expand_as(x)], dim=-1)
+    local = net.std_frame(net.std2(net.std1(x, mask), mask))
+    coordinates = torch.einsum("niac,niae->nice", x, local).flatten(-2)
+    pooled = coordinates.masked_fill(~node_mask[..., None], float("-inf")).max(dim=1).values
+    pair = torch.einsum("niac,niae->nice", x12, local).flatten(-2)
+    expected = net.score_head(torch.cat([pooled[:, None].expand(-1, 5, -1), pair], dim=-1))[..., 0]
+    expected = expected * node_mask.double()
+    torch.testing.assert_close(scores, expected, atol=1e-10, rtol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Concentration
 

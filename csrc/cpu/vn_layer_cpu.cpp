@@ -36,34 +36,45 @@ namespace {
 constexpr double kVectorEps = 1e-6;  // added to vector lengths and squared direction lengths
 constexpr int64_t kMaxChunks = 64;   // fixed reduction chunks: deterministic sums
 
-// dst[0:count] = src[0:count] and dst[0:count] += src[0:count] for a runtime channel count: the
-// per-entry rows are short (tens of channels), where a plain loop spends more time in its scalar
-// tail and alias checks than in the work. With AVX-512, whole vectors and one masked tail.
+// dst[0:count] = a[0:count] (+ b[0:count]) for a runtime channel count: the per-entry rows are
+// short (tens of channels), where a plain loop spends more time in its scalar tail and alias
+// checks than in the work. With AVX-512, whole vectors and one masked tail. A sum is formed in
+// registers and stored once: a masked store read back by the next masked load is not forwarded
+// (the load waits for the store to retire), which made copy-then-add the kernels' hot spot.
 #if defined(__AVX512F__)
 template <bool kAdd, typename T>
-inline void move_row(T* dst, const T* src, int64_t count) {
+inline void sum_or_copy_row(T* dst, const T* a, const T* b, int64_t count) {
   using W = Vector512<T>;
   int64_t c = 0;
   for (; c + W::kLanes <= count; c += W::kLanes)
-    W::store(dst + c, kAdd ? W::add(W::load(dst + c), W::load(src + c)) : W::load(src + c));
+    W::store(dst + c, kAdd ? W::add(W::load(a + c), W::load(b + c)) : W::load(a + c));
   if (c < count) {
     const auto tail = W::first(count - c);
-    W::store(tail, dst + c, kAdd ? W::add(W::load(tail, dst + c), W::load(tail, src + c)) : W::load(tail, src + c));
+    W::store(tail, dst + c, kAdd ? W::add(W::load(tail, a + c), W::load(tail, b + c)) : W::load(tail, a + c));
   }
 }
 #else
 template <bool kAdd, typename T>
-inline void move_row(T* dst, const T* src, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) dst[c] = kAdd ? dst[c] + src[c] : src[c];
+inline void sum_or_copy_row(T* dst, const T* a, const T* b, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) dst[c] = kAdd ? a[c] + b[c] : a[c];
 }
 #endif
 template <typename T>
 inline void copy_row(T* dst, const T* src, int64_t count) {
-  move_row<false>(dst, src, count);
+  sum_or_copy_row<false>(dst, src, src, count);
 }
 template <typename T>
 inline void add_row(T* dst, const T* src, int64_t count) {
-  move_row<true>(dst, src, count);
+  sum_or_copy_row<true>(dst, dst, src, count);
+}
+// dst = a + b, or dst = a where b is null (an absent centre term).
+template <typename T>
+inline void sum_row(T* dst, const T* a, const T* b, int64_t count) {
+  if (b) {
+    sum_or_copy_row<true>(dst, a, b, count);
+  } else {
+    sum_or_copy_row<false>(dst, a, a, count);
+  }
 }
 
 // A (N, n, 3, C) tensor whose last dim has stride 1.
@@ -85,30 +96,23 @@ struct EntryReader {
   static_assert(std::is_same_v<T, acc_t>, "the kernels compute in the input dtype");
   Vectors<T> p, d, p_centre, d_centre;
   int64_t C, D, L;  // channels, direction channels, row stride of the entry buffers
+  const T* centre(const Vectors<T>& v, int64_t b, int64_t i, int a) const { return v ? v.at(b, i, a) : nullptr; }
   void read_p(int64_t b, int64_t i, int64_t j, T* pv) const {
-    for (int a = 0; a < 3; ++a) {
-      copy_row(pv + a * L, p.at(b, j, a), C);
-      if (p_centre) add_row(pv + a * L, p_centre.at(b, i, a), C);
-    }
+    for (int a = 0; a < 3; ++a) sum_row(pv + a * L, p.at(b, j, a), centre(p_centre, b, i, a), C);
   }
-  // Channel c of entry (b, i, pick[c]): each channel from the neighbour it selected.
+  // Channel c of entry (b, i, pick[c]): each channel from the neighbour it selected (one scalar
+  // store per lane, with its centre term: no vector reload of what was just stored).
   void read_selected(int64_t b, int64_t i, const int64_t* neighbours_of_i, const int64_t* pick, T* pv, T* dv) const {
     for (int a = 0; a < 3; ++a) {
       T* pdst = pv + a * L;
       T* ddst = dv + a * L;
+      const T* pc = centre(p_centre, b, i, a);
+      const T* dc = centre(d_centre, b, i, a);
       for (int64_t c = 0; c < C; ++c) {
         const int64_t j = neighbours_of_i[pick[c]];
-        pdst[c] = p.at(b, j, a)[c];
-        ddst[c] = d.at(b, j, a)[D == 1 ? 0 : c];
-      }
-      if (p_centre) add_row(pdst, p_centre.at(b, i, a), C);
-      if (d_centre) {
-        if (D == 1) {
-          const T shared = d_centre.at(b, i, a)[0];
-          for (int64_t c = 0; c < C; ++c) ddst[c] += shared;
-        } else {
-          add_row(ddst, d_centre.at(b, i, a), C);
-        }
+        const int64_t dc_index = D == 1 ? 0 : c;
+        pdst[c] = p.at(b, j, a)[c] + (pc ? pc[c] : T(0));
+        ddst[c] = d.at(b, j, a)[dc_index] + (dc ? dc[dc_index] : T(0));
       }
     }
   }
@@ -122,8 +126,7 @@ struct EntryReader {
         for (int64_t c = 0; c < L; ++c) ddst[c] = shared;
         continue;
       }
-      copy_row(ddst, d.at(b, j, a), C);
-      if (d_centre) add_row(ddst, d_centre.at(b, i, a), C);
+      sum_row(ddst, d.at(b, j, a), centre(d_centre, b, i, a), C);
     }
   }
 };
@@ -466,13 +469,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& bias, const at::Tensor& stats, bool training, double eps, double slope) {
   const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
                 neighbours.has_value()};
-  at::Tensor grad_p = at::zeros(p.sizes(), p.options());
-  at::Tensor grad_d = at::zeros(d.sizes(), d.options());
-  at::Tensor grad_pc = p_centre.has_value() ? at::zeros(p.sizes(), p.options()) : at::empty({0}, p.options());
-  at::Tensor grad_dc = d_centre.has_value() ? at::zeros(d.sizes(), d.options()) : at::empty({0}, d.options());
+  // Pass 2 writes every row of the p and d gradients (zeros where none reaches).
+  at::Tensor grad_p = at::empty(p.sizes(), p.options());
+  at::Tensor grad_d = at::empty(d.sizes(), d.options());
+  at::Tensor grad_pc = p_centre.has_value() ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
+  at::Tensor grad_dc = d_centre.has_value() ? at::empty(d.sizes(), d.options()) : at::empty({0}, d.options());
   at::Tensor grad_weight = at::zeros({s.C}, weight.options());
   at::Tensor grad_bias = at::zeros({s.C}, bias.options());
-  if (s.C == 0 || s.N * s.n == 0) return {grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias};
+  if (s.C == 0 || s.N * s.n == 0) {
+    for (at::Tensor* t : {&grad_p, &grad_d, &grad_pc, &grad_dc}) t->zero_();
+    return {grad_p, grad_d, grad_pc, grad_dc, grad_weight, grad_bias};
+  }
 
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "vn_layer_backward_cpu", [&] {
     using acc_t = scalar_t;
@@ -562,7 +569,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // only), and each channel's selected entry its gradient through the leaky ReLU and y / l,
     // scattered channel by channel to that neighbour; a per-node layer's single entry gets both
     // at once (outside the statistics for a padded node). Chunks are whole graphs, so the
-    // scatter never crosses threads.
+    // scatter never crosses threads: each graph's gradients are summed in padded rows of a local
+    // buffer (whole vectors, read back without waiting on masked stores) and written once, in
+    // the same order of additions as adding into the outputs.
     const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                               mean_gx.data(), mean_gxx.data(), keep};
     scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
@@ -572,7 +581,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L), gpe(3 * L),
           gde(3 * L);
+      // row (j, a) of the graph at (j * 3 + a) * L; a shared direction's gradient in lane 0
+      const int64_t graph_lanes = n * 3 * L;
+      std::vector<acc_t> gp_graph(graph_lanes), gd_graph(graph_lanes), gpc_graph(gpc ? graph_lanes : 0),
+          gdc_graph(gdc ? graph_lanes : 0);
+      auto at_row = [&](std::vector<acc_t>& buffer, int64_t j, int a) { return buffer.data() + (j * 3 + a) * L; };
       for (int64_t b = begin; b < end; ++b) {
+        for (auto* buffer : {&gp_graph, &gd_graph, &gpc_graph, &gdc_graph}) std::fill(buffer->begin(), buffer->end(), acc_t(0));
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = b * n + i;
           if (skipped(row)) continue;
@@ -583,8 +598,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               reader.read_p(b, i, j, pv.data());
               statistics_backward(pv.data(), with_stats, L, gpe.data());
               for (int a = 0; a < 3; ++a) {
-                add_row(gp + ((b * n + j) * 3 + a) * C, gpe.data() + a * L, C);
-                if (gpc) add_row(gpc + (row * 3 + a) * C, gpe.data() + a * L, C);
+                add_row(at_row(gp_graph, j, a), gpe.data() + a * L, L);
+                if (gpc) add_row(at_row(gpc_graph, i, a), gpe.data() + a * L, L);
               }
             }
           }
@@ -599,30 +614,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               const int64_t* pick = chosen + row * C;
               for (int64_t c = 0; c < C; ++c) {
                 const int64_t j = neighbours_of_i[pick[c]];
-                gp[((b * n + j) * 3 + a) * C + c] += static_cast<scalar_t>(from[c]);
-                gd[((b * n + j) * 3 + a) * D + (D == 1 ? 0 : c)] += static_cast<scalar_t>(dfrom[c]);
+                at_row(gp_graph, j, a)[c] += from[c];
+                at_row(gd_graph, j, a)[D == 1 ? 0 : c] += dfrom[c];
               }
             } else {
-              add_row(gp + (row * 3 + a) * C, from, C);
+              add_row(at_row(gp_graph, i, a), from, L);
             }
-            if (gpc) add_row(gpc + (row * 3 + a) * C, from, C);
+            if (gpc) add_row(at_row(gpc_graph, i, a), from, L);
             acc_t shared = 0;
             if (D == 1)
               for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
             if (!chosen) {
               if (D == 1) {
-                gd[row * 3 + a] += static_cast<scalar_t>(shared);
+                at_row(gd_graph, i, a)[0] += shared;
               } else {
-                add_row(gd + (row * 3 + a) * C, dfrom, C);
+                add_row(at_row(gd_graph, i, a), dfrom, L);
               }
             }
             if (gdc) {
               if (D == 1) {
-                gdc[row * 3 + a] += static_cast<scalar_t>(shared);
+                at_row(gdc_graph, i, a)[0] += shared;
               } else {
-                add_row(gdc + (row * 3 + a) * C, dfrom, C);
+                add_row(at_row(gdc_graph, i, a), dfrom, L);
               }
             }
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          for (int a = 0; a < 3; ++a) {
+            const int64_t out_row = (b * n + j) * 3 + a;
+            copy_row(gp + out_row * C, at_row(gp_graph, j, a), C);
+            copy_row(gd + out_row * D, at_row(gd_graph, j, a), D);
+            if (gpc) copy_row(gpc + out_row * C, at_row(gpc_graph, j, a), C);
+            if (gdc) copy_row(gdc + out_row * D, at_row(gdc_graph, j, a), D);
           }
         }
       }
