@@ -170,6 +170,42 @@ def test_vit_loads_local_checkpoint(tmp_path):
     assert not torch.equal(fresh.vit.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_projection_is_the_convolution_forward_and_backward(channels_last, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, kernel_size=(2, 3), stride=(2, 3), bias=bias).double()
+    projection = BB.PatchProjection.replacing(conv)
+    assert isinstance(projection, BB.PatchProjection) and projection.weight is conv.weight
+    assert projection.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, 4, 9, 3, dtype=torch.float64)  # [N, H, W, C]: the ViT's channels-last image
+    x = x.permute(0, 3, 1, 2) if channels_last else x.permute(0, 3, 1, 2).contiguous()
+    x = x.requires_grad_(True)
+    out = projection(x)
+    assert_close(out, conv(x), atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(out)
+    params = [projection.weight] + ([projection.bias] if bias else [])
+    ours = torch.autograd.grad(out, [x] + params, grad)
+    theirs = torch.autograd.grad(conv(x), [x] + params, grad)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *p: BB._PatchProjectionFunction.apply(x, *p, *([] if bias else [None])),
+                                    (x, *params))
+    # the weight alone (an input that needs no gradient)
+    (weight_grad,) = torch.autograd.grad(projection(x.detach()), [projection.weight], grad)
+    assert_close(weight_grad, theirs[1], atol=1e-12, rtol=1e-12)
+
+
+def test_patch_projection_keeps_the_convolution_where_the_patch_form_does_not_apply():
+    overlapping = torch.nn.Conv2d(3, 5, kernel_size=3, stride=2)
+    assert BB.PatchProjection.replacing(overlapping) is overlapping
+    projection = BB.PatchProjection.replacing(torch.nn.Conv2d(3, 5, kernel_size=2, stride=2))
+    x = torch.randn(1, 3, 5, 5)  # not whole patches: the convolution drops the last row and column
+    out = projection(x)
+    assert out.shape == (1, 5, 2, 2) and out.grad_fn.name() == "ConvolutionBackward0"
+    assert _tiny_vit().vit.patch_embed.proj.__class__ is BB.PatchProjection
+
+
 def test_symmetrized_vit_node_outputs_from_the_diagonal():
     torch.manual_seed(0)
     backbone = _tiny_vit(out_dim=2)
