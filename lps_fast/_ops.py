@@ -262,17 +262,24 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     """Soft gradient of the diagonal of mean_j H y H^T (without the 1/k).
 
     ``out[i] = sum_{r,s} H[i,r] y[r,s] H[i,s]``, so ``dH[i, r] = <G[i], y[r, q(i)] + y[q(i), r]>``
-    with ``q`` the inverse permutation (the position of node i).
+    with ``q`` the inverse permutation (the position of node i). With s = q(i) that is
+    ``T[r, s] = <y[r, s] + y[s, r], G[p(s)]>`` read at ``[r, q(i)]``: G is gathered to the
+    positions (n rows per sample) and y is read in place, where gathering y's columns and rows
+    by q wrote two copies of it.
     """
     batch, k, n = perm.shape
     G = G.reshape(batch, n, -1)  # [B, n, F]
     y = y.reshape(batch, k, n, n, -1)
     features = G.shape[-1]
-    inverse = _inverse_permutation(perm)  # [B, k, n]: position of node i
-    index = inverse[:, :, None, :, None].expand(batch, k, n, n, features)
-    by_column = torch.gather(y, 3, index)  # [b, j, r, i] = y[r, q(i)]
-    by_row = torch.gather(y.transpose(2, 3), 3, index)  # [b, j, r, i] = y[q(i), r]
-    return torch.einsum("bif,bjrif->bjir", G, by_column + by_row)
+    at = torch.gather(G[:, None].expand(batch, k, n, features), 2, perm[..., None].expand(batch, k, n, features))
+    if features == 1:
+        contracted = (y + y.transpose(2, 3))[..., 0] * at[:, :, None, :, 0]  # [b, j, r, s]
+    else:
+        # <y[s, r], at[s]> is a matrix-vector product per row s; <y[r, s], at[s]> a broadcast
+        by_rows = torch.matmul(y, at[..., None])[..., 0]  # [b, j, s, r]
+        contracted = (y * at[:, :, None]).sum(-1) + by_rows.transpose(2, 3)  # [b, j, r, s]
+    inverse = _inverse_permutation(perm)
+    return torch.gather(contracted.transpose(2, 3), 2, inverse[..., None].expand(batch, k, n, n))  # [b, j, i, r]
 
 
 def _fused_cpu_backward(ops: "OpSet", grad: torch.Tensor) -> bool:
