@@ -258,7 +258,7 @@ def _edge_soft_grad(ops: "OpSet", a: torch.Tensor, b: torch.Tensor, perm: torch.
     return rows.reshape(batch, k, n, n).transpose(2, 3)
 
 
-def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _diagonal_soft_grad(ops: "OpSet", G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Soft gradient of the diagonal of mean_j H y H^T (without the 1/k).
 
     ``out[i] = sum_{r,s} H[i,r] y[r,s] H[i,s]``, so ``dH[i, r] = <G[i], y[r, q(i)] + y[q(i), r]>``
@@ -271,7 +271,7 @@ def _diagonal_soft_grad(G: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) ->
     G = G.reshape(batch, n, -1)  # [B, n, F]
     y = y.reshape(batch, k, n, n, -1)
     features = G.shape[-1]
-    at = torch.gather(G[:, None].expand(batch, k, n, features), 2, perm[..., None].expand(batch, k, n, features))
+    at = ops.permute_nodes(G, perm, None)  # [b, j, s] = G[p(s)]
     if features == 1:
         contracted = (y + y.transpose(2, 3))[..., 0] * at[:, :, None, :, 0]  # [b, j, r, s]
     else:
@@ -426,7 +426,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
                 grad_y = ops.permute_edges(scaled, perm, None)
         if needs[2]:
             if ctx.diagonal:
-                grad_soft = _diagonal_soft_grad(scaled, y, perm)
+                grad_soft = _diagonal_soft_grad(ops, scaled, y, perm)
             else:
                 grad_soft = _edge_soft_grad(ops, scaled, y, perm)
             grad_soft = grad_soft.to(ctx.soft_dtype)

@@ -314,6 +314,20 @@ class PairTransformer(nn.Module):
         return y.reshape(n_graphs, n, 3, self.out_dim) if self.output == "vector" else y
 
 
+def _image_to_patches(image: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """``(N, H, W, C)`` -> ``(N, H / ph, W / pw, ph, pw, C)``: each patch's pixels in (row,
+    column, channel) order."""
+    batch, height, width, channels = image.shape
+    return image.reshape(batch, height // ph, ph, width // pw, pw, channels).permute(0, 1, 3, 2, 4, 5)
+
+
+def _patches_to_image(patches: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_image_to_patches`: ``(N, rows, cols, ph, pw, C)`` -> ``(N, rows ph,
+    cols pw, C)``."""
+    batch, rows, cols, ph, pw, channels = patches.shape
+    return patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * ph, cols * pw, channels)
+
+
 class _PatchProjectionFunction(torch.autograd.Function):
     """A convolution whose kernel equals its stride (no padding, no dilation, no groups): each
     output token is the linear map of one patch. Forward by ``conv2d``; backward by two matmuls
@@ -340,10 +354,9 @@ class _PatchProjectionFunction(torch.autograd.Function):
             # the patch pixels in (row, column, channel) order, the channels-last layout
             flat_weight = weight.permute(0, 2, 3, 1).reshape(out_channels, ph * pw * channels)
             grad_patches = torch.mm(grad_tokens, flat_weight).reshape(batch, rows, cols, ph, pw, channels)
-            grad_x = grad_patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+            grad_x = _patches_to_image(grad_patches).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            patches = x.permute(0, 2, 3, 1).reshape(batch, rows, ph, cols, pw, channels)
-            patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch * rows * cols, ph * pw * channels)
+            patches = _image_to_patches(x.permute(0, 2, 3, 1), ph, pw).reshape(batch * rows * cols, ph * pw * channels)
             grad_weight = torch.mm(grad_tokens.t(), patches).reshape(out_channels, ph, pw, channels).permute(0, 3, 1, 2)
         if ctx.with_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_tokens.sum(0)
@@ -450,8 +463,7 @@ class ViT(nn.Module):
             return self.head(self.vit.forward_head(features, pre_logits=True))
         grid = self.img_size // self.patch
         tokens = features[:, self.vit.num_prefix_tokens:]
-        pixels = self.head(tokens).reshape(n_graphs, grid, grid, self.patch, self.patch, self.out_dim)
-        image = pixels.permute(0, 1, 3, 2, 4, 5).reshape(n_graphs, self.img_size, self.img_size, self.out_dim)
+        image = _patches_to_image(self.head(tokens).reshape(n_graphs, grid, grid, self.patch, self.patch, self.out_dim))
         pairs = (mask[:, :, None] & mask[:, None, :])[..., None]
         return image[:, :n, :n] * pairs.to(image.dtype)
 

@@ -73,7 +73,7 @@ inline void sum_row(T* dst, const T* a, const T* b, int64_t count) {
   if (b) {
     sum_or_copy_row<true>(dst, a, b, count);
   } else {
-    sum_or_copy_row<false>(dst, a, a, count);
+    copy_row(dst, a, count);
   }
 }
 
