@@ -64,6 +64,10 @@ NETWORK_SCHEMAS: Dict[str, str] = {
     "vn_layer_backward": "(Tensor grad, Tensor p, Tensor d, Tensor? p_centre, Tensor? d_centre, Tensor? neighbours, "
                          "Tensor selected, Tensor? mask, Tensor weight, Tensor bias, Tensor stats, bool training, "
                          "float eps, float slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # the DGCNN's invariant per-node scores (lps_fast.nn.VNDGCNN): frame coordinates, max-pool, head
+    "vn_score_head": "(Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight, Tensor bias) -> Tensor",
+    "vn_score_head_backward": "(Tensor grad, Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight) "
+                              "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 OP_NAMES = tuple(SCHEMAS)
@@ -184,6 +188,15 @@ def fake_vn_layer_backward(grad, p, d, p_centre, d_centre, neighbours, selected,
             p.new_empty(p.shape if p_centre is not None else (0,)),
             d.new_empty(d.shape if d_centre is not None else (0,)),
             weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+
+
+def fake_vn_score_head(x, frame, pair, mask, weight, bias):
+    return x.new_empty(x.shape[:2])
+
+
+def fake_vn_score_head_backward(grad, x, frame, pair, mask, weight):
+    return (x.new_empty(x.shape), frame.new_empty(frame.shape), pair.new_empty(pair.shape),
+            weight.new_empty(weight.shape), weight.new_empty((1,)))
 
 
 FAKES: Dict[str, Callable] = {
@@ -574,6 +587,7 @@ def define_compiled_ops() -> None:
         torch.library.register_fake(qualified(name), FAKES[name], lib=_library)
     register_autograd(OpSet(""))
     register_vn_layer_autograd(lib=_library)
+    register_vn_score_head_autograd(_library)
 
 
 def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:
@@ -599,6 +613,25 @@ def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Lib
                 None, None, None, grad_weight, grad_bias, None, None, None, None)
 
     torch.library.register_autograd(qualified("vn_layer" + suffix), _without_autocast(backward), setup_context=setup,
+                                    lib=lib)
+
+
+def register_vn_score_head_autograd(lib: torch.library.Library) -> None:
+    """Gradients of ``vn_score_head`` w.r.t. the features, the frames, the pair features and the
+    head's weight and bias, by ``vn_score_head_backward`` (the mask carries none)."""
+    backward_op = getattr(torch.ops, NAMESPACE).vn_score_head_backward
+
+    def setup(ctx, inputs, output):
+        x, frame, pair, mask, weight, bias = inputs
+        ctx.bias_shape = bias.shape
+        ctx.save_for_backward(x, frame, pair, mask, weight)
+
+    def backward(ctx, grad):
+        x, frame, pair, mask, weight = ctx.saved_tensors
+        grad_x, grad_frame, grad_pair, grad_weight, grad_bias = backward_op(grad, x, frame, pair, mask, weight)
+        return grad_x, grad_frame, grad_pair, None, grad_weight, grad_bias.reshape(ctx.bias_shape)
+
+    torch.library.register_autograd(qualified("vn_score_head"), _without_autocast(backward), setup_context=setup,
                                     lib=lib)
 
 

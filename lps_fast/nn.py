@@ -391,6 +391,8 @@ def _fused_vn_op(t: torch.Tensor):
             "cpp": namespace.vn_layer if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
             else None,
             "triton": getattr(namespace, "vn_layer_triton", None),  # registered by lps_fast.kernels
+            "score_head": namespace.vn_score_head
+            if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_score_head", "CPU") else None,
         }
     if t.dtype not in (torch.float32, torch.float64):
         return None
@@ -548,6 +550,49 @@ def _mask_vectors(v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor
     return v if mask is None else v * mask[..., None, None].to(v.dtype)
 
 
+def _fused_score_head_op(t: torch.Tensor):
+    """The compiled ``vn_score_head`` kernel where it serves ``t`` (CPU, float32/64, the default or
+    ``cpp`` backend), else None: the composed formulation runs, as on other devices and under
+    the reference backend."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or \
+            _backend.state.forced not in (None, "cpp"):
+        return None
+    _fused_vn_op(t)  # fills the kernel table
+    return _fused_vn_kernels["score_head"]
+
+
+def vn_score_head_composed(x: torch.Tensor, frame: torch.Tensor, pair: torch.Tensor, mask: Optional[torch.Tensor],
+                           weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The invariant per-node scores of :class:`VNDGCNN` in PyTorch ops (the reference of the
+    ``vn_score_head`` kernel): a linear head on the coordinates of ``x (N, n, 3, W)`` in each
+    node's ``frame (N, n, 3, 3)`` (columns the frame vectors) max-pooled over the real nodes
+    (0 for a graph without any), and on the coordinates of ``pair (N, n, 3, V)`` at the node.
+    ``weight`` (3W + 3V) holds the head's weights in (channel, frame vector) order, pooled part
+    first; padded nodes score 0."""
+    # coordinates held as [N, n, 3, W] (frame vector e, channel c): a broadcast product summed
+    # over xyz with the channels innermost runs forward and backward 1.7x faster than a batched
+    # 3 x 3 matmul per node, [N, n, W, 3].
+    coords = (frame.transpose(-1, -2).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
+    pooled = coords.flatten(-2)
+    if mask is not None:
+        pooled = pooled.masked_fill(~mask[..., None], float("-inf"))
+    # max over nodes: amax (values only) is several times faster than max with indices; exact
+    # ties share the gradient, a subgradient as good as the first maximum's
+    pooled = pooled.amax(dim=1)  # [N, 3 * W], index e * W + c
+    if mask is not None:
+        pooled = torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+    width = 3 * x.shape[-1]
+    head_pooled = weight[:width].reshape(x.shape[-1], 3).t().reshape(-1)
+    # the pair part is linear in the coordinates: applied to pair first (one matmul, no per-node
+    # products)
+    head_pair = weight[width:].reshape(pair.shape[-1], 3)
+    pair_term = (torch.matmul(pair, head_pair) * frame).sum(dim=(-1, -2))  # [N, n]
+    scores = pair_term + torch.matmul(pooled, head_pooled)[:, None] + bias.reshape(())
+    if mask is not None:
+        scores = scores * mask.to(scores.dtype)
+    return scores
+
+
 class VNDGCNN(nn.Module):
     """The paper's n-body distribution network: a vector-neuron DGCNN over 3-vector channels.
 
@@ -614,28 +659,14 @@ class VNDGCNN(nn.Module):
         context = _masked_node_mean(x, mask, node_dim=1)[:, None].expand_as(x)
         x = torch.cat([x, context], dim=-1)  # [N, n, 3, 2C]
         local = self.std_frame(self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
-        # coordinates of x in that frame, held as [N, n, 3, 2C] (frame vector e, channel c): a
-        # broadcast product summed over xyz with the channels innermost runs forward and backward
-        # 1.7x faster than a batched 3 x 3 matmul per node, [N, n, 2C, 3].
-        invariant = (local.transpose(-1, -2).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
-        pooled = invariant.flatten(-2)
-        if mask is not None:
-            pooled = pooled.masked_fill(~mask[..., None], float("-inf"))
-        # max over nodes: amax (values only) is several times faster than max with indices; exact
-        # ties share the gradient, a subgradient as good as the first maximum's
-        pooled = pooled.amax(dim=1)  # [N, 3 * 2C], index e * 2C + c
-        # score_head on [pooled, coordinates of x12 in the local frame]: the second part is linear
-        # in those coordinates, so it is applied to x12 first (one matmul, no per-node products).
-        # The head's weights keep the (channel, frame vector) order of the coordinates.
-        weight = self.score_head.weight[0]
-        head_pooled = weight[:pooled.shape[-1]].reshape(x.shape[-1], 3).t().reshape(-1)
-        head_pair = weight[pooled.shape[-1]:].reshape(x12.shape[-1], 3)
-        pair_term = (torch.matmul(x12, head_pair) * local).sum(dim=(-1, -2))  # [N, n]
-        scores = pair_term + torch.matmul(pooled, head_pooled)[:, None] + self.score_head.bias[0]
-        if mask is not None:
-            scores = scores * mask.to(scores.dtype)
+        weight, bias = self.score_head.weight[0], self.score_head.bias
+        fused = _fused_score_head_op(x)
+        if fused is not None:
+            scores = fused(x, local, x12, mask, weight, bias)
+        else:
+            scores = vn_score_head_composed(x, local, x12, mask, weight, bias)
         return frame, scores
 
 
 __all__ = ["make_mlp", "vn_layer", "fused_vn_available", "DenseGIN", "VNLinear", "VNLeakyReLU", "VectorNeuronNet", "MaskedBatchNorm", "BatchNormGIN",
-           "VNBatchNorm", "VNLinearLeakyReLU", "VNMaxPool", "VNDGCNN", "knn_neighbours"]
+           "VNBatchNorm", "VNLinearLeakyReLU", "VNMaxPool", "VNDGCNN", "vn_score_head_composed", "knn_neighbours"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lps_fast
-from lps_fast.nn import VNDGCNN, MaskedBatchNorm, VNLinearLeakyReLU, fused_vn_available, vn_layer
+from lps_fast.nn import (VNDGCNN, MaskedBatchNorm, VNLinearLeakyReLU, fused_vn_available, vn_layer,
+                         vn_score_head_composed)
 
 pytestmark = pytest.mark.skipif(
     not fused_vn_available(torch.zeros(1)), reason="the compiled CPU extension is not loaded"
@@ -232,6 +233,105 @@ def test_vn_dgcnn_compiles_fullgraph_with_the_fused_layer():
     compiled = torch.compile(copy.deepcopy(net), backend="aot_eager", fullgraph=True)(x, mask)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The score head (lps_fast::vn_score_head) against its composed formulation
+
+
+def _score_head_args(dtype=torch.float64, masked=True, batch=6, n=5, width=7, pair_width=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 3, width, generator=gen, dtype=dtype)
+    frame = torch.randn(batch, n, 3, 3, generator=gen, dtype=dtype)
+    pair = torch.randn(batch, n, 3, pair_width, generator=gen, dtype=dtype)
+    weight = torch.randn(3 * (width + pair_width), generator=gen, dtype=dtype)
+    bias = torch.randn(1, generator=gen, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.ones(batch, n, dtype=torch.bool)
+        mask[1, 3:] = False
+        mask[2, 1:] = False  # a graph of one node
+        mask[-1] = False  # a graph without nodes: pooled coordinates 0, scores 0
+    return x, frame, pair, mask, weight, bias
+
+
+def _score_head_and_grads(head, args, seed=2):
+    x, frame, pair, mask, weight, bias = [a.clone().requires_grad_(True) if a is not None and a.is_floating_point()
+                                          else a for a in args]
+    scores = head(x, frame, pair, mask, weight, bias)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed), dtype=scores.dtype)
+    return (scores, *torch.autograd.grad(scores, (x, frame, pair, weight, bias), upstream))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vn_score_head_matches_the_composed_formulation(dtype, masked):
+    args = _score_head_args(dtype, masked)
+    fused = _score_head_and_grads(torch.ops.lps_fast.vn_score_head, args)
+    composed = _score_head_and_grads(vn_score_head_composed, args)
+    for what, a, b in zip(("scores", "x", "frame", "pair", "weight", "bias"), fused, composed):
+        _assert_agree(a, b, dtype, what)
+    if masked:
+        assert torch.all(fused[0][~args[3]] == 0) and torch.all(fused[1][~args[3]] == 0)
+        assert torch.isfinite(composed[0]).all()
+
+
+def test_vn_score_head_shares_the_max_gradient_between_tied_nodes():
+    """Nodes with equal coordinates tie for every max: amax splits the gradient equally."""
+    x, frame, pair, _, weight, bias = _score_head_args(masked=False)
+    x[:, 1], frame[:, 1] = x[:, 0], frame[:, 0]
+    fused = _score_head_and_grads(torch.ops.lps_fast.vn_score_head, (x, frame, pair, None, weight, bias))
+    composed = _score_head_and_grads(vn_score_head_composed, (x, frame, pair, None, weight, bias))
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_vn_score_head_gradcheck(masked):
+    x, frame, pair, mask, weight, bias = _score_head_args(masked=masked, batch=4, n=4, width=3, pair_width=2)
+    inputs = [t.requires_grad_(True) for t in (x, frame, pair, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, f, p, w, b: torch.ops.lps_fast.vn_score_head(x, f, p, mask, w, b), inputs)
+
+
+def test_vn_score_head_opcheck():
+    x, frame, pair, mask, weight, bias = _score_head_args(torch.float32)
+    for t in (x, frame, pair, weight, bias):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.lps_fast.vn_score_head.default, (x, frame, pair, mask, weight, bias))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.__setitem__(0, a[0][..., :2, :]), ValueError, r"x must have shape \(N, n, 3, W\)"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :, :2]), ValueError, r"frame must have shape \(N, n, 3, 3\)"),
+        (lambda a: a.__setitem__(2, a[2][:2]), ValueError, r"pair must have shape \(N, n, 3, V\)"),
+        (lambda a: a.__setitem__(3, a[3].float()), TypeError, r"mask must be a bool tensor"),
+        (lambda a: a.__setitem__(4, a[4][:-1]), ValueError, r"weight must have shape \(3 \* \(W \+ V\),\) = \(33,\)"),
+        (lambda a: a.__setitem__(1, a[1].float()), TypeError, r"frame must have the dtype of x"),
+        (lambda a: a.__setitem__(5, a[5].expand(2)), ValueError, r"bias must hold one value"),
+    ],
+)
+def test_vn_score_head_refuses_bad_arguments(change, error, match):
+    args = list(_score_head_args())
+    change(args)
+    with pytest.raises(error, match=match):
+        torch.ops.lps_fast.vn_score_head(*args)
+
+
+def test_vn_dgcnn_runs_the_score_head_kernel_on_cpu_and_the_composed_head_under_the_reference_backend(monkeypatch):
+    calls = []
+    kernel = torch.ops.lps_fast.vn_score_head
+    monkeypatch.setitem(lps_fast.nn._fused_vn_kernels, "score_head",
+                        lambda *args: calls.append(1) or kernel(*args))
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    net(x, mask)
+    assert calls == [1]
+    with lps_fast.use_backend("reference"):
+        net(x, mask)
+    assert calls == [1]
 
 
 # ---------------------------------------------------------------------------------------------
