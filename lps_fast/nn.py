@@ -473,7 +473,8 @@ class VNLinearLeakyReLU(nn.Module):
             leading = v.shape[:-2]
             rows = v.reshape(-1, 1, *v.shape[-2:])
             flat_mask = None if mask is None else _broadcast_mask(mask, v.shape[:-1])[..., 0].reshape(-1, 1).bool()
-            both = torch.matmul(rows, torch.cat([self.linear.weight, self.direction.weight]).t())
+            # weights as one contiguous (in, out) matrix: see VNDGCNN._edge_conv
+            both = torch.matmul(rows, torch.cat([self.linear.weight.t(), self.direction.weight.t()], dim=1))
             p, d = both.split([self.linear.out_features, self.direction.out_features], dim=-1)
             out = vn_layer(p, d, self.norm.norm, flat_mask, self.negative_slope)
             return out.reshape(*leading, *out.shape[-2:])
@@ -542,7 +543,8 @@ def _vector_dropout(v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout of whole 3-vectors of ``(..., 3, C)`` (dropping coordinates would break equivariance)."""
     if not training or p <= 0:
         return v
-    keep = torch.empty(*v.shape[:-2], 1, v.shape[-1], dtype=v.dtype, device=v.device).bernoulli_(1 - p) / (1 - p)
+    # uniform draws compared in place: half the time of bernoulli_ on CPU
+    keep = torch.rand(*v.shape[:-2], 1, v.shape[-1], dtype=v.dtype, device=v.device).lt_(1 - p).mul_(1 / (1 - p))
     return v * keep
 
 
@@ -637,9 +639,12 @@ class VNDGCNN(nn.Module):
             # linear([v_j - v_i, v_i]) = W1 v_j + (W2 - W1) v_i: one matmul over the nodes, not the edges
             channels, out_channels = v.shape[-1], conv.linear.out_features
             w, wd = conv.linear.weight, conv.direction.weight
-            stacked = torch.cat([w[:, :channels], w[:, channels:] - w[:, :channels],
-                                 wd[:, :channels], wd[:, channels:] - wd[:, :channels]])
-            p, p_centre, d, d_centre = torch.matmul(v, stacked.t()).split(
+            # The four maps as one contiguous (in, out) matrix. A transposed view would make
+            # autograd form the weight gradient as grad^T @ v, (out, rows) x (rows, in), which BLAS
+            # runs up to 6x slower than v^T @ grad at these shapes (in = 2: 0.6 against 0.1 ms).
+            stacked = torch.cat([w[:, :channels].t(), (w[:, channels:] - w[:, :channels]).t(),
+                                 wd[:, :channels].t(), (wd[:, channels:] - wd[:, :channels]).t()], dim=1)
+            p, p_centre, d, d_centre = torch.matmul(v, stacked).split(
                 [out_channels, out_channels, wd.shape[0], wd.shape[0]], dim=-1)
             return vn_layer(p, d, conv.norm.norm, mask, conv.negative_slope, p_centre, d_centre, neighbours,
                             pool.direction.weight)

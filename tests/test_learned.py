@@ -264,6 +264,19 @@ def test_vn_dgcnn_shapes_and_dropout_is_off_in_eval():
     torch.testing.assert_close(net(v)[0], net(v)[0])
 
 
+def test_vector_dropout_drops_whole_vectors_at_its_rate_and_rescales_the_rest():
+    from lps_fast.nn import _vector_dropout
+    torch.manual_seed(0)
+    v = torch.rand(200, 10, 3, 16, dtype=torch.float64) + 1.0
+    out = _vector_dropout(v, 0.25, training=True)
+    factor = out / v  # [N, n, 3, C]: one factor per 3-vector, 0 or 1 / 0.75
+    torch.testing.assert_close(factor, factor[..., :1, :].expand_as(factor))
+    values = factor[..., 0, :]
+    assert torch.all((values == 0) | torch.isclose(values, torch.tensor(1 / 0.75, dtype=torch.float64)))
+    assert abs(float((values == 0).double().mean()) - 0.25) < 0.01
+    assert _vector_dropout(v, 0.25, training=False) is v
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_vn_dgcnn_scores_are_the_score_head_on_pooled_and_per_node_coordinates(masked):
     """The score head is one linear layer on [max over nodes of the coordinates of x in each
