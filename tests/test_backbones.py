@@ -196,6 +196,37 @@ def test_patch_projection_is_the_convolution_forward_and_backward(channels_last,
     assert_close(weight_grad, theirs[1], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("node_dim, edge_dim", [(2, 1), (0, 2), (3, 0)])
+def test_vit_image_gradient_from_the_graph_pixels_is_the_dense_gradient(node_dim, edge_dim):
+    """ViT tells its patch projection which image pixels depend on the inputs (the edge channels
+    over the graph, the node channels' diagonal); the gradients must equal those of the plain
+    convolution's dense image gradient."""
+    import copy
+    torch.manual_seed(0)
+    vit = _tiny_vit(node_dim=node_dim, edge_dim=edge_dim, max_nodes=10).double()
+    dense = copy.deepcopy(vit)
+    proj = dense.vit.patch_embed.proj
+    conv = torch.nn.Conv2d(proj.in_channels, proj.out_channels, proj.kernel_size, stride=proj.stride).double()
+    conv.load_state_dict(proj.state_dict())
+    dense.vit.patch_embed.proj = conv
+    views = _graphs([6, 3], n=6, node_dim=max(node_dim, 1), edge_dim=max(edge_dim, 1))  # 6 nodes: 2 x 2 patches of 4
+    inputs = {"mask": views["mask"]}
+    if node_dim:
+        inputs["nodes"] = torch.randn(2, 6, node_dim, dtype=torch.float64, requires_grad=True)
+    if edge_dim:
+        inputs["edges"] = torch.randn(2, 6, 6, edge_dim, dtype=torch.float64, requires_grad=True)
+    leaves = [value for key, value in inputs.items() if key != "mask"]
+    out, expected = vit(inputs), dense(inputs)
+    assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    upstream = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves + list(vit.parameters()), upstream)
+    theirs = torch.autograd.grad(expected, leaves + list(dense.parameters()), upstream)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert float(ours[0].abs().max()) > 0
+    assert vit.vit.patch_embed.proj.gradient_layout is None  # set for the call only
+
+
 def test_patch_projection_keeps_the_convolution_where_the_patch_form_does_not_apply():
     overlapping = torch.nn.Conv2d(3, 5, kernel_size=3, stride=2)
     assert BB.PatchProjection.replacing(overlapping) is overlapping
