@@ -285,8 +285,16 @@ def _diagonal_soft_grad(ops: "OpSet", G: torch.Tensor, y: torch.Tensor, perm: to
     y = y.reshape(batch, k, n, n, -1)
     features = G.shape[-1]
     at = ops.permute_nodes(G, perm, None)  # [b, j, s] = G[p(s)]
-    if features == 1:
-        contracted = (y + y.transpose(2, 3))[..., 0] * at[:, :, None, :, 0]  # [b, j, r, s]
+    if features <= 4:
+        # a few features: one multiply-add per feature and orientation into one buffer, [b, j, r, s]
+        # (at PATTERN's size, F = 2, 2 ms against 7 ms for the matmul form below, whose batched
+        # (n, F) x (F, 1) products are mostly call overhead)
+        by_feature, at_by_feature = y.movedim(-1, 2), at.movedim(-1, 2)  # [b, j, F, r, s], [b, j, F, s]
+        contracted = torch.mul(by_feature[:, :, 0], at_by_feature[:, :, 0, None, :])
+        for f in range(features):
+            if f > 0:
+                contracted.addcmul_(by_feature[:, :, f], at_by_feature[:, :, f, None, :])
+            contracted.addcmul_(by_feature[:, :, f].transpose(-1, -2), at_by_feature[:, :, f, None, :])
     else:
         # <y[s, r], at[s]> is a matrix-vector product per row s; <y[r, s], at[s]> a broadcast
         by_rows = torch.matmul(y, at[..., None])[..., 0]  # [b, j, s, r]
