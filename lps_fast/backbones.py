@@ -396,6 +396,39 @@ def _graph_image_grad(grad_tokens: torch.Tensor, weight: torch.Tensor, shape: to
     return grad_x.permute(0, 3, 1, 2)
 
 
+class _GraphImage(torch.autograd.Function):
+    """The ViT's graph image ``(N, C, size, size)``, channels-last in memory: channels ``[0, E)``
+    the edges ``(N, n, n, E)``, then the node features ``(N, n, F)`` on the diagonal, then 1 on
+    the pairs of real nodes; zero elsewhere. Written into one zeroed buffer (concatenating the
+    channels and then padding copied the image three times: 11 ms at PATTERN's size, 32 x 192 x
+    192 x 5, against 3 ms); the backward reads the edge block and the diagonal as views."""
+
+    @staticmethod
+    def forward(ctx, edges, nodes, mask, size, dtype):
+        n_graphs, n = mask.shape
+        edge_dim = 0 if edges is None else edges.shape[-1]
+        node_dim = 0 if nodes is None else nodes.shape[-1]
+        ctx.layout = (n, edge_dim, node_dim)
+        image = torch.zeros(n_graphs, size, size, edge_dim + node_dim + 1, dtype=dtype, device=mask.device)
+        if edge_dim:
+            image[:, :n, :n, :edge_dim] = edges
+        if node_dim:
+            index = torch.arange(n, device=mask.device)
+            image[:, index, index, edge_dim:edge_dim + node_dim] = nodes.to(dtype)
+        image[:, :n, :n, -1] = (mask[:, :, None] & mask[:, None, :]).to(dtype)
+        return image.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, edge_dim, node_dim = ctx.layout
+        grad = grad.permute(0, 2, 3, 1)  # [N, size, size, C]
+        grad_edges = grad[:, :n, :n, :edge_dim] if edge_dim and ctx.needs_input_grad[0] else None
+        grad_nodes = None
+        if node_dim and ctx.needs_input_grad[1]:
+            grad_nodes = torch.diagonal(grad[:, :n, :n, edge_dim:edge_dim + node_dim], dim1=1, dim2=2).transpose(1, 2)
+        return grad_edges, grad_nodes, None, None, None
+
+
 class PatchProjection(nn.Conv2d):
     """A ViT's patch projection (``Conv2d`` with kernel = stride) whose CPU backward runs as
     matmuls over the patches (:class:`_PatchProjectionFunction`); the same parameters, state
@@ -478,22 +511,16 @@ class ViT(nn.Module):
                      else nn.Linear(width, out_dim))
 
     def image(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The ``(N, C, img, img)`` input image of a dict of views."""
+        """The ``(N, C, img, img)`` input image of a dict of views (channels-last in memory):
+        the edge channels, the node features on the diagonal and a channel marking real node
+        pairs, zero-padded to ``img_size``."""
         mask = _mask(views)
-        n_graphs, n = mask.shape
-        dtype = self.head.weight.dtype
-        pairs = (mask[:, :, None] & mask[:, None, :]).to(dtype)[..., None]
-        channels = []
-        edges = _masked_edges(views, mask, self.edge_dim)
-        if self.edge_dim:
-            channels.append(edges)
-        if self.node_dim:
-            nodes = _masked_nodes(views, mask, self.node_dim, 0)
-            channels.append(torch.diag_embed(nodes.transpose(1, 2)).permute(0, 2, 3, 1))
-        channels.append(pairs)
-        image = torch.cat(channels, dim=-1)  # [N, n, n, C]
-        image = _pad_nodes(image, self.img_size, (1, 2))
-        return image.permute(0, 3, 1, 2)
+        n = mask.shape[1]
+        if n > self.img_size:
+            raise ValueError(f"graph has {n} nodes, more than max_nodes={self.img_size}")
+        edges = _masked_edges(views, mask, self.edge_dim) if self.edge_dim else None
+        nodes = _masked_nodes(views, mask, self.node_dim, 0) if self.node_dim else None
+        return _GraphImage.apply(edges, nodes, mask, self.img_size, self.head.weight.dtype)
 
     def forward(self, views: Dict[str, torch.Tensor]) -> torch.Tensor:
         mask = _mask(views)

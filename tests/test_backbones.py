@@ -197,6 +197,35 @@ def test_patch_projection_is_the_convolution_forward_and_backward(channels_last,
 
 
 @pytest.mark.parametrize("node_dim, edge_dim", [(2, 1), (0, 2), (3, 0)])
+def test_vit_image_is_its_definition_forward_and_backward(node_dim, edge_dim):
+    """Edge channels, node features on the diagonal, a real-pair channel, zero padding to the
+    image size: against a concatenation and a pad with autograd's own gradients."""
+    vit = _tiny_vit(node_dim=node_dim, edge_dim=edge_dim, max_nodes=10).double()
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    inputs = {"mask": mask}
+    gen = torch.Generator().manual_seed(4)
+    if node_dim:
+        inputs["nodes"] = torch.randn(2, 6, node_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    if edge_dim:
+        inputs["edges"] = torch.randn(2, 6, 6, edge_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    leaves = [value for key, value in inputs.items() if key != "mask"]
+    image = vit.image(inputs)
+    assert image.shape == (2, node_dim + edge_dim + 1, 12, 12)
+    pairs = (mask[:, :, None] & mask[:, None, :]).double()
+    channels = []
+    if edge_dim:
+        channels.append(inputs["edges"] * pairs[..., None])
+    if node_dim:
+        channels.append(torch.diag_embed((inputs["nodes"] * mask[..., None]).transpose(1, 2)).permute(0, 2, 3, 1))
+    channels.append(pairs[..., None])
+    expected = torch.nn.functional.pad(torch.cat(channels, dim=-1), (0, 0, 0, 6, 0, 6)).permute(0, 3, 1, 2)
+    assert torch.equal(image, expected)
+    upstream = torch.randn(image.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(image, leaves, upstream), torch.autograd.grad(expected, leaves, upstream)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("node_dim, edge_dim", [(2, 1), (0, 2), (3, 0)])
 def test_vit_image_gradient_from_the_graph_pixels_is_the_dense_gradient(node_dim, edge_dim):
     """ViT tells its patch projection which image pixels depend on the inputs (the edge channels
     over the graph, the node channels' diagonal); the gradients must equal those of the plain
