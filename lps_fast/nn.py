@@ -377,6 +377,23 @@ def _safe_length(v: torch.Tensor) -> torch.Tensor:
 _fused_vn_kernels: Optional[dict] = None
 
 
+def _vn_kernels() -> dict:
+    """The network's compiled kernels, looked up once: ``cpp`` (vn_layer on CPU), ``triton``
+    (vn_layer_triton, registered by lps_fast.kernels) and ``score_head`` (vn_score_head on
+    CPU); None where a kernel is not registered."""
+    global _fused_vn_kernels
+    if _fused_vn_kernels is None:
+        namespace = torch.ops.lps_fast
+
+        def on_cpu(name):
+            registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"lps_fast::{name}", "CPU")
+            return getattr(namespace, name) if registered else None
+
+        _fused_vn_kernels = {"cpp": on_cpu("vn_layer"), "triton": getattr(namespace, "vn_layer_triton", None),
+                             "score_head": on_cpu("vn_score_head")}
+    return _fused_vn_kernels
+
+
 def _fused_vn_op(t: torch.Tensor):
     """The fused ``vn_layer`` kernel that serves ``t``, or None (the composed layers run).
 
@@ -384,23 +401,14 @@ def _fused_vn_op(t: torch.Tensor):
     forced under ``TRITON_INTERPRET=1``, the Triton kernel). CUDA: the Triton kernel, unless a
     backend other than ``triton`` is forced. The reference backend always runs the composed
     layers, which are what the kernels are tested against."""
-    global _fused_vn_kernels
-    if _fused_vn_kernels is None:
-        namespace = torch.ops.lps_fast
-        _fused_vn_kernels = {
-            "cpp": namespace.vn_layer if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_layer", "CPU")
-            else None,
-            "triton": getattr(namespace, "vn_layer_triton", None),  # registered by lps_fast.kernels
-            "score_head": namespace.vn_score_head
-            if torch._C._dispatch_has_kernel_for_dispatch_key("lps_fast::vn_score_head", "CPU") else None,
-        }
     if t.dtype not in (torch.float32, torch.float64):
         return None
+    kernels = _vn_kernels()
     forced, device = _backend.state.forced, t.device.type
     if device == "cpu" and forced in (None, "cpp"):
-        return _fused_vn_kernels["cpp"]
+        return kernels["cpp"]
     if forced in ((None, "triton") if device == "cuda" else ("triton",)) and _backend._serves("triton", device):
-        return _fused_vn_kernels["triton"]
+        return kernels["triton"]
     return None
 
 
@@ -559,8 +567,7 @@ def _fused_score_head_op(t: torch.Tensor):
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or \
             _backend.state.forced not in (None, "cpp"):
         return None
-    _fused_vn_op(t)  # fills the kernel table
-    return _fused_vn_kernels["score_head"]
+    return _vn_kernels()["score_head"]
 
 
 def vn_score_head_composed(x: torch.Tensor, frame: torch.Tensor, pair: torch.Tensor, mask: Optional[torch.Tensor],

@@ -12,6 +12,7 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 
 #include "cpu/vn_layer_cpu.h"
+#include "cpu/reduction_chunks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -34,7 +35,6 @@ namespace cpu {
 namespace {
 
 constexpr double kVectorEps = 1e-6;  // added to vector lengths and squared direction lengths
-constexpr int64_t kMaxChunks = 64;   // fixed reduction chunks: deterministic sums
 
 // dst[0:count] = a[0:count] (+ b[0:count]) for a runtime channel count: the per-entry rows are
 // short (tens of channels), where a plain loop spends more time in its scalar tail and alias
@@ -316,9 +316,6 @@ struct Shape {
 // channel loops run whole vectors (the padding lanes compute on zeros and are never read).
 inline int64_t lanes(int64_t C) { return (C + 15) / 16 * 16; }
 
-// Chunks of the batch for the reductions, and the rows of their partial sums.
-inline int64_t chunk_count(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(N, kMaxChunks)); }
-inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t N) { return chunk * N / chunks; }
 
 }  // namespace
 

@@ -14,6 +14,7 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 
 #include "cpu/vn_score_head_cpu.h"
+#include "cpu/reduction_chunks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,11 +29,6 @@
 namespace lps_fast {
 namespace cpu {
 namespace {
-
-constexpr int64_t kMaxChunks = 64;
-
-inline int64_t chunk_count(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(N, kMaxChunks)); }
-inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t N) { return chunk * N / chunks; }
 
 // Rows are handled in blocks of one 64-byte vector. Each node's rows are copied into buffers
 // padded with zeros to whole blocks, so that every loop runs whole blocks and a dot product
@@ -153,6 +149,22 @@ struct GraphBuffers {
   T* coords_of(int64_t i) { return coords.data() + i * 3 * Wp; }
 };
 
+// The inputs of both passes as typed pointers, with the head's weight blocks as padded rows.
+template <typename T>
+struct HeadInputs {
+  int64_t N, n, W, V, Wp, Vp;
+  const T *x, *frame, *pair;
+  const bool* valid;  // null without a mask
+  std::vector<T> w_pooled, w_pair;
+  HeadInputs(const at::Tensor& x_, const at::Tensor& frame_, const at::Tensor& pair_,
+             const c10::optional<at::Tensor>& mask, const at::Tensor& weight)
+      : N(x_.size(0)), n(x_.size(1)), W(x_.size(3)), V(pair_.size(3)), Wp(padded<T>(W)), Vp(padded<T>(V)),
+        x(x_.const_data_ptr<T>()), frame(frame_.const_data_ptr<T>()), pair(pair_.const_data_ptr<T>()),
+        valid(mask.has_value() ? mask->const_data_ptr<bool>() : nullptr),
+        w_pooled(by_frame_vector(weight.const_data_ptr<T>(), W, Wp)),
+        w_pair(by_frame_vector(weight.const_data_ptr<T>() + 3 * W, V, Vp)) {}
+};
+
 }  // namespace
 
 at::Tensor vn_score_head(const at::Tensor& x, const at::Tensor& frame, const at::Tensor& pair,
@@ -161,13 +173,11 @@ at::Tensor vn_score_head(const at::Tensor& x, const at::Tensor& frame, const at:
   at::Tensor scores = at::empty({N, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_score_head_cpu", [&] {
     using T = scalar_t;
-    const T* xs = x.const_data_ptr<T>();
-    const T* fs = frame.const_data_ptr<T>();
-    const T* ps = pair.const_data_ptr<T>();
-    const bool* valid = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
-    const T* w = weight.const_data_ptr<T>();
-    const int64_t Wp = padded<T>(W), Vp = padded<T>(V);
-    const std::vector<T> w_pooled = by_frame_vector(w, W, Wp), w_pair = by_frame_vector(w + 3 * W, V, Vp);
+    const HeadInputs<T> in(x, frame, pair, mask, weight);
+    const T *xs = in.x, *fs = in.frame, *ps = in.pair;
+    const bool* valid = in.valid;
+    const int64_t Wp = in.Wp, Vp = in.Vp;
+    const std::vector<T>&w_pooled = in.w_pooled, &w_pair = in.w_pair;
     const T b0 = bias.const_data_ptr<T>()[0];
     T* out = scores.mutable_data_ptr<T>();
     at::parallel_for(0, N, std::max<int64_t>(1, 2048 / (n * 3 * (W + V) + 1)), [&](int64_t begin, int64_t end) {
@@ -208,13 +218,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vn_score_
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_score_head_backward_cpu", [&] {
     using T = scalar_t;
     const T* g = grad.const_data_ptr<T>();
-    const T* xs = x.const_data_ptr<T>();
-    const T* fs = frame.const_data_ptr<T>();
-    const T* ps = pair.const_data_ptr<T>();
-    const bool* valid = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
-    const T* w = weight.const_data_ptr<T>();
-    const int64_t Wp = padded<T>(W), Vp = padded<T>(V);
-    const std::vector<T> w_pooled = by_frame_vector(w, W, Wp), w_pair = by_frame_vector(w + 3 * W, V, Vp);
+    const HeadInputs<T> in(x, frame, pair, mask, weight);
+    const T *xs = in.x, *fs = in.frame, *ps = in.pair;
+    const bool* valid = in.valid;
+    const int64_t Wp = in.Wp, Vp = in.Vp;
+    const std::vector<T>&w_pooled = in.w_pooled, &w_pair = in.w_pair;
     T* gx_out = grad_x.mutable_data_ptr<T>();
     T* gf_out = grad_frame.mutable_data_ptr<T>();
     T* gp_out = grad_pair.mutable_data_ptr<T>();
