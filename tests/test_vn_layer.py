@@ -193,6 +193,45 @@ def test_vn_layer_agrees_with_its_definition_on_one_entry():
     torch.testing.assert_close(out, expected)
 
 
+def _edge_layer_by_definition(p, d, pc, dc, neighbours, pool, mask, weight, bias):
+    """The training-mode edge convolution transcribed from lps_fast.nn.vn_layer's docstring with
+    tensor ops (statistics over the real nodes' entries, padded nodes 0), differentiable."""
+    rows = torch.arange(p.shape[0])[:, None, None]
+    pe, de = p[rows, neighbours] + pc[:, :, None], d[rows, neighbours] + dc[:, :, None]  # [N, n, K, 3, C]
+    length = pe.norm(dim=-2) + 1e-6  # [N, n, K, C]
+    real = length[mask]  # [real nodes, K, C]
+    mean, var = real.mean(dim=(0, 1)), real.var(dim=(0, 1), unbiased=False)
+    q = pe * (((length - mean) / torch.sqrt(var + 1e-5) * weight + bias) / length)[..., None, :]
+    dot = (q * de).sum(-2, keepdim=True)
+    o = q - 0.8 * torch.clamp(dot, max=0) / ((de * de).sum(-2, keepdim=True) + 1e-6) * de
+    score = (o * torch.einsum("ce,...ae->...ac", pool, o)).sum(-2)  # [N, n, K, C]
+    selected = score.detach().argmax(dim=2)
+    out = torch.gather(o, 2, selected[:, :, None, None, :].expand(-1, -1, 1, 3, -1)).squeeze(2)
+    return out * mask[:, :, None, None], selected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [3, 8, 13, 21, 24, 40])
+def test_edge_layer_matches_its_definition_at_every_vector_layout(dtype, channels):
+    """Channel counts that take each of the kernels' vector layouts: the pool scores' whole and
+    half vectors (or the plain loop), and one or several lane blocks in the backward's gather and
+    scatter of each channel's kept neighbour; forward, selection and every gradient."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=dtype, channels=channels, seed=channels)
+    inputs = [t.requires_grad_(True) for t in (p, d, pc, dc, weight, bias)]
+    out, selected, _ = torch.ops.lps_fast.vn_layer(p, d, pc, dc, neighbours, pool, mask, weight, bias, None, None,
+                                                   1e-5, 0.2)
+    expected, expected_selected = _edge_layer_by_definition(p, d, pc, dc, neighbours, pool, mask, weight, bias)
+    real = mask[:, :, None].expand(selected.shape)
+    assert torch.equal(selected[real], expected_selected[real])
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(out, expected, **tolerance)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

@@ -25,6 +25,7 @@ struct Vector512<float> {
   }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static Vec load(Vec src, Mask m, const float* p) { return _mm512_mask_loadu_ps(src, m, p); }  // src where not m
   static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static void store(Mask m, float* p, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
   static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
@@ -35,6 +36,7 @@ struct Vector512<float> {
   static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec add(Mask m, Vec a, Vec b) { return _mm512_mask_add_ps(a, m, a, b); }  // a + b where m, else a
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_ps(m, a, b); }
   static Vec div(Vec a, float b) { return _mm512_div_ps(a, _mm512_set1_ps(b)); }
   static Vec zero() { return _mm512_setzero_ps(); }
@@ -62,6 +64,7 @@ struct Vector512<double> {
   }
   static Vec load(const double* p) { return _mm512_loadu_pd(p); }
   static Vec load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  static Vec load(Vec src, Mask m, const double* p) { return _mm512_mask_loadu_pd(src, m, p); }
   static void store(double* p, Vec v) { _mm512_storeu_pd(p, v); }
   static void store(Mask m, double* p, Vec v) { _mm512_mask_storeu_pd(p, m, v); }
   static __m512i index(const index_t* p) { return _mm512_loadu_si512(p); }
@@ -72,6 +75,7 @@ struct Vector512<double> {
   static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_pd(m, a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_pd(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+  static Vec add(Mask m, Vec a, Vec b) { return _mm512_mask_add_pd(a, m, a, b); }
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_pd(m, a, b); }
   static Vec div(Vec a, double b) { return _mm512_div_pd(a, _mm512_set1_pd(b)); }
   static Vec zero() { return _mm512_setzero_pd(); }

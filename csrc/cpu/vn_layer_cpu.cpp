@@ -89,6 +89,46 @@ struct Vectors {
   const T* at(int64_t b, int64_t i, int64_t a) const { return data + b * s0 + i * s1 + a * s2; }
 };
 
+// Which candidate each channel of an edge convolution's node kept (pick[c] in [0, K)), and with
+// AVX-512 the same as lane masks: lanes(k, v) holds the lanes of channel block v whose channel
+// kept candidate k. Filled once per node, the masks let the backward gather the receiving entries
+// and scatter their gradients a whole vector at a time (one masked load or add per candidate)
+// instead of one scalar load and address computation per channel, which made those loops the
+// backward's hot spot. Each channel still gets exactly one addition, in the same order.
+template <typename T>
+struct Selection {
+  const int64_t* pick = nullptr;
+  int64_t K = 0, C = 0;
+#if defined(__AVX512F__)
+  using W = Vector512<T>;
+  using Mask = typename W::Mask;
+  int64_t blocks = 0;
+  std::vector<Mask> masks;
+  Selection(int64_t K_, int64_t C_)
+      : K(K_), C(C_), blocks((C_ + W::kLanes - 1) / W::kLanes), masks(K_ * ((C_ + W::kLanes - 1) / W::kLanes)) {}
+  Mask lanes(int64_t k, int64_t v) const { return masks[k * blocks + v]; }
+  void fill(const int64_t* pick_) {
+    pick = pick_;
+    std::fill(masks.begin(), masks.end(), Mask(0));
+    for (int64_t v = 0; v < blocks; ++v) {
+      for (int half = 0; half < W::kLanes / 8; ++half) {  // 8 int64 picks per compare
+        const int64_t c0 = v * W::kLanes + half * 8;
+        if (c0 >= C) break;
+        const __mmask8 tail = C - c0 >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - c0)) - 1);
+        const __m512i picked = _mm512_maskz_loadu_epi64(tail, pick + c0);
+        for (int64_t k = 0; k < K; ++k) {
+          const unsigned hit = _mm512_mask_cmpeq_epi64_mask(tail, picked, _mm512_set1_epi64(k));
+          masks[k * blocks + v] = static_cast<Mask>(masks[k * blocks + v] | (hit << (half * 8)));
+        }
+      }
+    }
+  }
+#else
+  Selection(int64_t K_, int64_t C_) : K(K_), C(C_) {}
+  void fill(const int64_t* pick_) { pick = pick_; }
+#endif
+};
+
 // The entries' p and d (3 rows of stride L, row a = coordinate) of node i reading node j. The
 // buffers' lanes past C are never written here (they stay zero), except a shared direction's.
 template <typename T, typename acc_t>
@@ -100,16 +140,39 @@ struct EntryReader {
   void read_p(int64_t b, int64_t i, int64_t j, T* pv) const {
     for (int a = 0; a < 3; ++a) sum_row(pv + a * L, p.at(b, j, a), centre(p_centre, b, i, a), C);
   }
-  // Channel c of entry (b, i, pick[c]): each channel from the neighbour it selected (one scalar
-  // store per lane, with its centre term: no vector reload of what was just stored).
-  void read_selected(int64_t b, int64_t i, const int64_t* neighbours_of_i, const int64_t* pick, T* pv, T* dv) const {
-    for (int a = 0; a < 3; ++a) {
+  // The entry of node (b, i) that receives the upstream gradient: channel c from the neighbour it
+  // kept, neighbours_of_i[selection.pick[c]], with its centre term.
+  void read_selected(int64_t b, int64_t i, const int64_t* neighbours_of_i, const Selection<T>& selection, T* pv,
+                     T* dv) const {
+#if defined(__AVX512F__)
+    if (D == C) {  // whole vectors: one masked load per candidate (lanes past C stay zero)
+      using W = Vector512<T>;
+      for (int a = 0; a < 3; ++a) {
+        const T* pc = centre(p_centre, b, i, a);
+        const T* dc = centre(d_centre, b, i, a);
+        for (int64_t v = 0; v < selection.blocks; ++v) {
+          const int64_t c0 = v * W::kLanes;
+          const auto tail = W::first(C - c0);
+          auto ps = W::zero(), ds = W::zero();
+          for (int64_t k = 0; k < selection.K; ++k) {
+            const int64_t j = neighbours_of_i[k];
+            ps = W::load(ps, selection.lanes(k, v), p.at(b, j, a) + c0);
+            ds = W::load(ds, selection.lanes(k, v), d.at(b, j, a) + c0);
+          }
+          W::store(pv + a * L + c0, W::add(ps, pc ? W::load(tail, pc + c0) : W::zero()));
+          W::store(dv + a * L + c0, W::add(ds, dc ? W::load(tail, dc + c0) : W::zero()));
+        }
+      }
+      return;
+    }
+#endif
+    for (int a = 0; a < 3; ++a) {  // one scalar per lane (a shared direction, or no AVX-512)
       T* pdst = pv + a * L;
       T* ddst = dv + a * L;
       const T* pc = centre(p_centre, b, i, a);
       const T* dc = centre(d_centre, b, i, a);
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t j = neighbours_of_i[pick[c]];
+        const int64_t j = neighbours_of_i[selection.pick[c]];
         const int64_t dc_index = D == 1 ? 0 : c;
         pdst[c] = p.at(b, j, a)[c] + (pc ? pc[c] : T(0));
         ddst[c] = d.at(b, j, a)[dc_index] + (dc ? dc[dc_index] : T(0));
@@ -158,17 +221,25 @@ __attribute__((noinline)) void entry_forward(const acc_t* __restrict__ pv, const
 }
 
 // score[c] = o[:, c] . (pool @ o)[:, c] for one entry (o: 3 rows of stride L), with pool
-// transposed and zero-padded to L columns (pool_t[e * L + c] = pool[c, e]). kVectors (L / lanes
-// of a 64-byte vector) fixed at compile time keeps the 3 x L accumulators in registers and shares
-// each load of pool_t between the three coordinates; 0 is the plain loop.
-template <int kVectors, typename acc_t>
+// transposed and zero-padded to L columns (pool_t[e * L + c] = pool[c, e]). kVectors whole
+// 64-byte vectors, plus with kHalf one 32-byte vector, cover the C channels: fixed at compile
+// time, the 3 x (kVectors + kHalf) accumulators stay in registers and each load of pool_t is
+// shared between the three coordinates. The half vector serves channel counts just past a
+// multiple of a vector (C = 21 in float: 16 + 8 lanes instead of 32, a quarter fewer FMA
+// cycles). kVectors = 0 without kHalf is the plain loop.
+template <int kVectors, bool kHalf, typename acc_t>
 inline void pool_scores(const acc_t* o, const acc_t* pool_t, int64_t C, int64_t L, acc_t* score) {
-  if constexpr (kVectors > 0) {
+  if constexpr (kVectors > 0 || kHalf) {
     typedef acc_t vec __attribute__((vector_size(64)));
+    typedef acc_t half_vec __attribute__((vector_size(32)));
     constexpr int kLanes = 64 / sizeof(acc_t);
-    vec acc[3][kVectors];
-    for (int a = 0; a < 3; ++a)
+    constexpr int kWidth = kVectors * kLanes + (kHalf ? kLanes / 2 : 0);
+    vec acc[3][kVectors > 0 ? kVectors : 1];
+    half_vec tail[3];
+    for (int a = 0; a < 3; ++a) {
       for (int v = 0; v < kVectors; ++v) acc[a][v] = vec{} * acc_t(0);
+      tail[a] = half_vec{} * acc_t(0);
+    }
     for (int64_t e = 0; e < C; ++e) {
       const acc_t* column = pool_t + e * L;
       const acc_t o0 = o[e], o1 = o[L + e], o2 = o[2 * L + e];
@@ -179,10 +250,19 @@ inline void pool_scores(const acc_t* o, const acc_t* pool_t, int64_t C, int64_t 
         acc[1][v] += w * o1;
         acc[2][v] += w * o2;
       }
+      if constexpr (kHalf) {
+        half_vec w;
+        std::memcpy(&w, column + kVectors * kLanes, sizeof(half_vec));
+        tail[0] += w * o0;
+        tail[1] += w * o1;
+        tail[2] += w * o2;
+      }
     }
-    acc_t direction[3][kVectors * kLanes];
-    for (int a = 0; a < 3; ++a)
+    acc_t direction[3][kWidth];
+    for (int a = 0; a < 3; ++a) {
       for (int v = 0; v < kVectors; ++v) std::memcpy(direction[a] + v * kLanes, &acc[a][v], sizeof(vec));
+      if constexpr (kHalf) std::memcpy(direction[a] + kVectors * kLanes, &tail[a], sizeof(half_vec));
+    }
     for (int64_t c = 0; c < C; ++c)
       score[c] = o[c] * direction[0][c] + o[L + c] * direction[1][c] + o[2 * L + c] * direction[2][c];
   } else {
@@ -406,13 +486,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
         for (int64_t e = 0; e < C; ++e) pool_t[e * L + c] = static_cast<acc_t>(w_src[c * C + e]);
     }
     constexpr int64_t kLanes = 64 / sizeof(acc_t);
+    // whole vectors, and a half vector where the channels past them fit in one
+    const int64_t whole = C / kLanes, rest = C - whole * kLanes;
+    const bool half = rest > 0 && rest <= kLanes / 2;
+    const int64_t vectors = whole + (rest > 0 && !half ? 1 : 0);
     auto scores_of = [&](const acc_t* o, acc_t* score) {
-      switch (L / kLanes) {
-        case 1: return pool_scores<1>(o, pool_t.data(), C, L, score);
-        case 2: return pool_scores<2>(o, pool_t.data(), C, L, score);
-        case 3: return pool_scores<3>(o, pool_t.data(), C, L, score);
-        case 4: return pool_scores<4>(o, pool_t.data(), C, L, score);
-        default: return pool_scores<0>(o, pool_t.data(), C, L, score);
+      switch (vectors * 2 + (half ? 1 : 0)) {
+        case 1: return pool_scores<0, true>(o, pool_t.data(), C, L, score);
+        case 2: return pool_scores<1, false>(o, pool_t.data(), C, L, score);
+        case 3: return pool_scores<1, true>(o, pool_t.data(), C, L, score);
+        case 4: return pool_scores<2, false>(o, pool_t.data(), C, L, score);
+        case 5: return pool_scores<2, true>(o, pool_t.data(), C, L, score);
+        case 6: return pool_scores<3, false>(o, pool_t.data(), C, L, score);
+        case 7: return pool_scores<3, true>(o, pool_t.data(), C, L, score);
+        case 8: return pool_scores<4, false>(o, pool_t.data(), C, L, score);
+        default: return pool_scores<0, false>(o, pool_t.data(), C, L, score);
       }
     };
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
@@ -505,9 +593,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto skipped = [&](int64_t row) { return s.edges && valid && !valid[row]; };
     // The entry of node (b, i) that receives its upstream gradient, channel by channel: for an
     // edge convolution each channel's selected neighbour, for a per-node layer the node itself.
-    auto read_receiving = [&](int64_t b, int64_t i, int64_t row, acc_t* pv, acc_t* dv, acc_t* gout) {
+    auto read_receiving = [&](int64_t b, int64_t i, int64_t row, Selection<acc_t>& selection, acc_t* pv, acc_t* dv,
+                              acc_t* gout) {
       if (chosen) {
-        reader.read_selected(b, i, nbr + row * K, chosen + row * C, pv, dv);
+        selection.fill(chosen + row * C);
+        reader.read_selected(b, i, nbr + row * K, selection, pv, dv);
       } else {
         reader.read(b, i, i, pv, dv);
       }
@@ -522,6 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          no_stats.data(), no_stats.data(), keep};
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L);
+      Selection<acc_t> selection(K, C);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         double* sum_gy = partial.data() + chunk * 2 * C;
         double* sum_gyx = sum_gy + C;
@@ -529,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t i = 0; i < n; ++i) {
             const int64_t row = b * n + i;
             if (skipped(row)) continue;
-            read_receiving(b, i, row, pv.data(), dv.data(), gout.data());
+            read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
             entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
                                   static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
             for (int64_t c = 0; c < C; ++c) {
@@ -583,6 +674,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<acc_t> gp_graph(graph_lanes), gd_graph(graph_lanes), gpc_graph(gpc ? graph_lanes : 0),
           gdc_graph(gdc ? graph_lanes : 0);
       auto at_row = [&](std::vector<acc_t>& buffer, int64_t j, int a) { return buffer.data() + (j * 3 + a) * L; };
+      Selection<acc_t> selection(K, C);
+      // Each channel's gradients to the neighbour it kept (rows of the graph's buffers).
+      auto scatter_selected = [&](int a, const acc_t* from, const acc_t* dfrom, const int64_t* neighbours_of_i,
+                                  const Selection<acc_t>& kept) {
+#if defined(__AVX512F__)
+        if (D == C) {
+          using W = Vector512<acc_t>;
+          for (int64_t v = 0; v < kept.blocks; ++v) {
+            const int64_t c0 = v * W::kLanes;
+            const auto gp_from = W::load(from + c0), gd_from = W::load(dfrom + c0);
+            for (int64_t k = 0; k < K; ++k) {
+              acc_t* gp_row = at_row(gp_graph, neighbours_of_i[k], a) + c0;
+              acc_t* gd_row = at_row(gd_graph, neighbours_of_i[k], a) + c0;
+              W::store(gp_row, W::add(kept.lanes(k, v), W::load(gp_row), gp_from));
+              W::store(gd_row, W::add(kept.lanes(k, v), W::load(gd_row), gd_from));
+            }
+          }
+          return;
+        }
+#endif
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t j = neighbours_of_i[kept.pick[c]];
+          at_row(gp_graph, j, a)[c] += from[c];
+          at_row(gd_graph, j, a)[D == 1 ? 0 : c] += dfrom[c];
+        }
+      };
       for (int64_t b = begin; b < end; ++b) {
         for (auto* buffer : {&gp_graph, &gd_graph, &gpc_graph, &gdc_graph}) std::fill(buffer->begin(), buffer->end(), acc_t(0));
         for (int64_t i = 0; i < n; ++i) {
@@ -601,19 +718,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
           }
           const bool statistics_here = !chosen && (!valid || valid[row]);
-          read_receiving(b, i, row, pv.data(), dv.data(), gout.data());
+          read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
           entry_backward<true>(pv.data(), dv.data(), gout.data(), statistics_here ? with_stats : plain, L, gy.data(),
                                xhat.data(), gpe.data(), gde.data());
           for (int a = 0; a < 3; ++a) {
             const acc_t* from = gpe.data() + a * L;
             const acc_t* dfrom = gde.data() + a * L;
             if (chosen) {
-              const int64_t* pick = chosen + row * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t j = neighbours_of_i[pick[c]];
-                at_row(gp_graph, j, a)[c] += from[c];
-                at_row(gd_graph, j, a)[D == 1 ? 0 : c] += dfrom[c];
-              }
+              scatter_selected(a, from, dfrom, neighbours_of_i, selection);
             } else {
               add_row(at_row(gp_graph, i, a), from, L);
             }
