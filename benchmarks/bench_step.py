@@ -25,6 +25,7 @@ hooks, bound methods), in the order ``Symmetrize.forward`` makes them.
     python benchmarks/bench_step.py                         # nbody and pattern, one thread
     python benchmarks/bench_step.py --tasks nbody --distributions learned,uniform --paths fast,reference
     python benchmarks/bench_step.py --tasks exp-classify    # any task of lps_fast.train.recipes
+    python benchmarks/bench_step.py --tasks nbody --preset paper   # the paper's own model sizes and samples
     python benchmarks/bench_step.py --quick                 # tiny models, a few rounds: a smoke test
 """
 
@@ -232,6 +233,11 @@ def run_task(task: str, distributions: Sequence[str], paths: Sequence[str], over
     return rows + failed
 
 
+def label(row: dict) -> str:
+    """The task as the tables name it: with its preset where one was given (``nbody@paper``)."""
+    return row["task"] + (f"@{row['preset']}" if row.get("preset") else "")
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return "-" if not a or not b else f"{b / a:.2f}x"
 
@@ -239,15 +245,15 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
     """Step medians, the fast path's speedup over the reference and the compiled path's over the
     eager fast path, and the stage breakdown of the eager paths."""
-    by_key = {(r["task"], r["distribution"], r["path"]): r for r in rows}
+    by_key = {(label(r), r["distribution"], r["path"]): r for r in rows}
     header = ["task", "distribution", "path", "step ms", "vs reference", "vs fast"] + [f"{s} ms" for s in STAGES]
     lines = []
     for r in rows:
         ok = r.get("status") == "ok"
         ms = r["median_ms"] if ok else None
-        reference = by_key.get((r["task"], r["distribution"], "reference"), {}).get("median_ms")
-        fast = by_key.get((r["task"], r["distribution"], "fast"), {}).get("median_ms")
-        line = [r["task"], r["distribution"], r["path"], harness.summary.fmt_ms(ms) if ok else "ERR",
+        reference = by_key.get((label(r), r["distribution"], "reference"), {}).get("median_ms")
+        fast = by_key.get((label(r), r["distribution"], "fast"), {}).get("median_ms")
+        line = [label(r), r["distribution"], r["path"], harness.summary.fmt_ms(ms) if ok else "ERR",
                 _ratio(ms, reference) if r["path"] != "reference" else "-",
                 _ratio(ms, fast) if r["path"] == "compile" else "-"]
         staged = r.get("stages_ms") or {}
@@ -266,9 +272,9 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
 def ratios(rows: Sequence[dict]) -> List[str]:
     """The headline ratios of each task: learned vs group averaging (uniform) and vs no
     symmetrization on the fast path, and each distribution's fast path against its reference."""
-    by_key = {(r["task"], r["distribution"], r["path"]): r.get("median_ms") for r in rows if r.get("status") == "ok"}
+    by_key = {(label(r), r["distribution"], r["path"]): r.get("median_ms") for r in rows if r.get("status") == "ok"}
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
+    for task in dict.fromkeys(label(r) for r in rows):
         learned = by_key.get((task, "learned", "fast"))
         for other in ("uniform", "none"):
             value = by_key.get((task, other, "fast"))
@@ -299,6 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--rounds", type=int, default=30, help="rounds of alternating steps, at most (default 30)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds of rounds per task; stops after the round that passes it, at least 3 rounds")
+    parser.add_argument("--preset", default=None,
+                        help="a training preset of lps_fast.train.recipes (paper: the paper's own model sizes, samples "
+                             "and distribution network) instead of each task's CPU default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw-malloc", action="store_true", help="leave glibc malloc as it is (see harness.py)")
     parser.add_argument("--quick", action="store_true", help="tiny models, 3 rounds, no result file unless --out")
@@ -320,6 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if not args.raw_malloc and not args.quick:
         harness.keep_freed_memory()
     overrides = dict(QUICK_OVERRIDES, device="cpu") if args.quick else dict(device="cpu")
+    if args.preset is not None:
+        overrides["preset"] = args.preset
     rounds = 3 if args.quick else max(3, args.rounds)
     budget = 0.0 if args.quick else args.budget
     if args.out is None:
@@ -340,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                          "device": "cpu", "machine": f"{env['host']} ({env['cpu']}, {env['cores']} cores)",
                          "threads": env["threads"], "commit": env["commit"], "torch": env["torch"],
                          "malloc": env["malloc"], "quick": args.quick,
-                         "load_avg_1min": (load or (None,))[0], **row})
+                         "load_avg_1min": (load or (None,))[0], "preset": args.preset, **row})
     if out is not None and rows:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a") as f:

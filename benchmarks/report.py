@@ -111,19 +111,19 @@ def render_step(results: Path) -> Optional[str]:
     path = results / "step.jsonl"
     if not path.exists():
         return None
-    full = [r for r in summary.load_rows(path) if not r.get("quick")]
-    rows = []
-    for task in dict.fromkeys(r["task"] for r in full):
-        rows += summary.latest_run([r for r in full if r["task"] == task])
-    if not rows:
-        return None
     try:
         from . import bench_step
     except ImportError:  # run as a script
         import bench_step
+    full = [r for r in summary.load_rows(path) if not r.get("quick")]
+    rows = []
+    for task in dict.fromkeys(bench_step.label(r) for r in full):  # a task with a preset is its own table part
+        rows += summary.latest_run([r for r in full if bench_step.label(r) == task])
+    if not rows:
+        return None
     parts = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        task_rows = [r for r in rows if r["task"] == task]
+    for task in dict.fromkeys(bench_step.label(r) for r in rows):
+        task_rows = [r for r in rows if bench_step.label(r) == task]
         first = task_rows[0]
         loads = [r["load_avg_1min"] for r in task_rows if r.get("load_avg_1min") is not None]
         parts.append(f"Run ({task}): {first['machine']}, torch {first['torch']}, {first['threads']} thread(s), "
@@ -132,7 +132,7 @@ def render_step(results: Path) -> Optional[str]:
         parts.append("")
     parts += [bench_step.format_table(rows, markdown=True), ""]
     parts += [f"- {line}" for line in bench_step.ratios(rows)]
-    notes = [f"- {r['task']} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
+    notes = [f"- {bench_step.label(r)} {r['distribution']}/{r['path']}: not timed ({r['error']})" for r in rows
              if r.get("status") != "ok"]
     if notes:
         parts += [""] + notes

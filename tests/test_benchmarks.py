@@ -225,6 +225,25 @@ def test_training_step_benchmark_quick(tmp_path):
     assert "| nbody | learned | fast |" in rendered and "learned step / none step" in rendered
 
 
+def test_training_step_benchmark_with_the_paper_preset(tmp_path):
+    """--preset paper builds the paper's own model (a pair transformer for n-body), and its rows
+    are a table part of their own beside the default run of the same task."""
+    import bench_step
+
+    out = tmp_path / "step.jsonl"
+    rows = bench_step.main(["--quick", "--quiet", "--tasks", "nbody", "--preset", "paper", "--paths", "fast",
+                            "--distributions", "learned,uniform", "--out", str(out)])
+    assert {r["preset"] for r in rows} == {"paper"} and {r["status"] for r in rows} == {"ok"}
+    assert {r["backbone"] for r in rows} == {"pair-transformer"}
+    assert all(bench_step.label(r) == "nbody@paper" for r in rows)
+    default = [{**r, "preset": None, "median_ms": 2 * r["median_ms"]} for r in rows]
+    out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows + default))
+    rendered = report.render_step(tmp_path)
+    assert "Run (nbody@paper)" in rendered and "Run (nbody)" in rendered
+    assert "| nbody@paper | learned | fast |" in rendered and "| nbody | learned | fast |" in rendered
+    assert "nbody@paper: learned step / uniform step" in rendered
+
+
 def test_vn_network_benchmark_quick(tmp_path):
     """bench_vn --quick: the distribution network on the composed and the fused layers, both past
     the agreement gate and timed, and report.py's rendering of a full run."""
