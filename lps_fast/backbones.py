@@ -526,14 +526,15 @@ class ViT(nn.Module):
         mask = _mask(views)
         n_graphs, n = mask.shape
         projection = self.vit.patch_embed.proj
-        if isinstance(projection, PatchProjection):
+        restricted = isinstance(projection, PatchProjection)
+        if restricted:
             # only the edge channels over the graph and the node channels' diagonal depend on
             # the inputs; the mask channel and the padding are constants
             projection.gradient_layout = (n, self.edge_dim, self.node_dim)
         try:
             features = self.vit.forward_features(self.image(views))  # [N, prefix + grid^2, D]
         finally:
-            if isinstance(projection, PatchProjection):
+            if restricted:
                 projection.gradient_layout = None
         if self.output == "invariant":
             return self.head(self.vit.forward_head(features, pre_logits=True))

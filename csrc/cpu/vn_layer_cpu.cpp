@@ -104,8 +104,7 @@ struct Selection {
   using Mask = typename W::Mask;
   int64_t blocks = 0;
   std::vector<Mask> masks;
-  Selection(int64_t K_, int64_t C_)
-      : K(K_), C(C_), blocks((C_ + W::kLanes - 1) / W::kLanes), masks(K_ * ((C_ + W::kLanes - 1) / W::kLanes)) {}
+  Selection(int64_t K_, int64_t C_) : K(K_), C(C_), blocks((C_ + W::kLanes - 1) / W::kLanes), masks(K_ * blocks) {}
   Mask lanes(int64_t k, int64_t v) const { return masks[k * blocks + v]; }
   void fill(const int64_t* pick_) {
     pick = pick_;
@@ -114,7 +113,7 @@ struct Selection {
       for (int half = 0; half < W::kLanes / 8; ++half) {  // 8 int64 picks per compare
         const int64_t c0 = v * W::kLanes + half * 8;
         if (c0 >= C) break;
-        const __mmask8 tail = C - c0 >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - c0)) - 1);
+        const __mmask8 tail = Vector512<double>::first(C - c0);  // the 8-lane mask of the picks left
         const __m512i picked = _mm512_maskz_loadu_epi64(tail, pick + c0);
         for (int64_t k = 0; k < K; ++k) {
           const unsigned hit = _mm512_mask_cmpeq_epi64_mask(tail, picked, _mm512_set1_epi64(k));
@@ -130,7 +129,8 @@ struct Selection {
 };
 
 // The entries' p and d (3 rows of stride L, row a = coordinate) of node i reading node j. The
-// buffers' lanes past C are never written here (they stay zero), except a shared direction's.
+// buffers' lanes past C stay zero (never written, or written with zeros), except a shared
+// direction's.
 template <typename T, typename acc_t>
 struct EntryReader {
   static_assert(std::is_same_v<T, acc_t>, "the kernels compute in the input dtype");
@@ -684,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t v = 0; v < kept.blocks; ++v) {
             const int64_t c0 = v * W::kLanes;
             const auto gp_from = W::load(from + c0), gd_from = W::load(dfrom + c0);
-            for (int64_t k = 0; k < K; ++k) {
+            for (int64_t k = 0; k < kept.K; ++k) {
               acc_t* gp_row = at_row(gp_graph, neighbours_of_i[k], a) + c0;
               acc_t* gd_row = at_row(gd_graph, neighbours_of_i[k], a) + c0;
               W::store(gp_row, W::add(kept.lanes(k, v), W::load(gp_row), gp_from));
