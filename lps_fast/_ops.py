@@ -68,6 +68,15 @@ NETWORK_SCHEMAS: Dict[str, str] = {
     "vn_score_head": "(Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight, Tensor bias) -> Tensor",
     "vn_score_head_backward": "(Tensor grad, Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight) "
                               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # the whole VNDGCNN in one call each way (csrc/vn_dgcnn.cpp): params in the order of
+    # VNDGCNN._whole_network_params, running (mean, var) of each batch norm updated in place,
+    # dropout the two keep masks (empty: none); returns frame, scores and the backward's values
+    "vn_dgcnn": "(Tensor points, Tensor? mask, Tensor[] params, Tensor(a!)[] running, Tensor[] dropout, "
+                "int neighbours, float slope, float eps, float momentum, bool training, bool scores) "
+                "-> (Tensor, Tensor, Tensor[])",
+    "vn_dgcnn_backward": "(Tensor grad_frame, Tensor grad_scores, Tensor points, Tensor? mask, Tensor[] params, "
+                         "Tensor[] dropout, Tensor[] saved, int neighbours, float slope, float eps, bool training, "
+                         "bool scores) -> Tensor[]",
 }
 
 OP_NAMES = tuple(SCHEMAS)
@@ -197,6 +206,40 @@ def fake_vn_score_head(x, frame, pair, mask, weight, bias):
 def fake_vn_score_head_backward(grad, x, frame, pair, mask, weight):
     return (x.new_empty(x.shape), frame.new_empty(frame.shape), pair.new_empty(pair.shape),
             weight.new_empty(weight.shape), weight.new_empty((1,)))
+
+
+def fake_vn_dgcnn(points, mask, params, running, dropout, neighbours, slope, eps, momentum, training, scores):
+    N, n, _, _ = points.shape
+    C, K = params[0].shape[0], min(neighbours, n)
+
+    def edge(inputs):
+        return [points.new_empty((N, n, K), dtype=torch.int64), points.new_empty((N, n, 3, 4 * C)),
+                points.new_empty((N, n, C), dtype=torch.int64), points.new_empty((2, C)),
+                points.new_empty((inputs, 4 * C))]
+
+    def node(layer, inputs):
+        out = layer[0].shape[0] + layer[1].shape[0]
+        return [points.new_empty((N * n, 1, 3, out)), points.new_empty((2, layer[0].shape[0])),
+                points.new_empty((inputs, out))]
+
+    keep = dropout[0].numel() > 0
+    saved = [points.new_empty((N, n, 3, C)), points.new_empty((N, n, 3, C) if keep else (0,)),
+             points.new_empty((N, C), dtype=torch.int64), points.new_empty((N, 3, C))]
+    saved += edge(points.shape[3]) + edge(C)
+    frame = points.new_empty((N, 3, 3))
+    if not scores:
+        return frame, points.new_empty((0,)), saved
+    C1, C2 = params[16].shape[0], params[20].shape[0]
+    saved += [points.new_empty((N, n, 3, 2 * C)), points.new_empty((N, n, 3, 2 * C)), points.new_empty((N, n, 3, C1)),
+              points.new_empty((N, n, 3, C2)), points.new_empty((N, n, 3, 3))]
+    saved += node(params[12:14], 2 * C) + node(params[16:18], 2 * C) + node(params[20:22], C1)
+    return frame, points.new_empty((N, n)), saved
+
+
+def fake_vn_dgcnn_backward(grad_frame, grad_scores, points, mask, params, dropout, saved, neighbours, slope, eps,
+                           training, scores):
+    no_gradient = {4, 9, 10} | (set() if scores else {5, 6, 7, 8})
+    return [p.new_empty((0,) if i in no_gradient else p.shape) for i, p in enumerate(params)]
 
 
 FAKES: Dict[str, Callable] = {

@@ -390,7 +390,7 @@ def _vn_kernels() -> dict:
             return getattr(namespace, name) if registered else None
 
         _fused_vn_kernels = {"cpp": on_cpu("vn_layer"), "triton": getattr(namespace, "vn_layer_triton", None),
-                             "score_head": on_cpu("vn_score_head")}
+                             "score_head": on_cpu("vn_score_head"), "network": on_cpu("vn_dgcnn")}
     return _fused_vn_kernels
 
 
@@ -551,9 +551,13 @@ def _vector_dropout(v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout of whole 3-vectors of ``(..., 3, C)`` (dropping coordinates would break equivariance)."""
     if not training or p <= 0:
         return v
+    return v * _dropout_keep((*v.shape[:-2], 1, v.shape[-1]), p, v)
+
+
+def _dropout_keep(shape, p: float, like: torch.Tensor) -> torch.Tensor:
+    """The multiplier of a vector dropout: ``1 / (1 - p)`` where kept, 0 where dropped."""
     # uniform draws compared in place: half the time of bernoulli_ on CPU
-    keep = torch.rand(*v.shape[:-2], 1, v.shape[-1], dtype=v.dtype, device=v.device).lt_(1 - p).mul_(1 / (1 - p))
-    return v * keep
+    return torch.rand(*shape, dtype=like.dtype, device=like.device).lt_(1 - p).mul_(1 / (1 - p))
 
 
 def _mask_vectors(v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -568,6 +572,43 @@ def _fused_score_head_op(t: torch.Tensor):
             _backend.state.forced not in (None, "cpp"):
         return None
     return _vn_kernels()["score_head"]
+
+
+def _whole_network_op(t: torch.Tensor):
+    """The compiled whole-network ``vn_dgcnn`` kernel where it serves ``t`` (as the score head's:
+    CPU, float32/64, the default or ``cpp`` backend, and not while torch.compile traces), else None."""
+    if _fused_score_head_op(t) is None or torch.compiler.is_compiling():
+        return None
+    return _vn_kernels()["network"]
+
+
+class _WholeNetwork(torch.autograd.Function):
+    """:class:`VNDGCNN` as one autograd node: ``vn_dgcnn`` forward, ``vn_dgcnn_backward`` for every
+    parameter gradient (the network's input is noise plus data: no gradient flows to it)."""
+
+    @staticmethod
+    def forward(ctx, net: "VNDGCNN", points, mask, keeps, *params):
+        frame, scores, saved = _vn_kernels()["network"](
+            points, mask, list(params), net._running_buffers(), keeps, net.neighbours, net._slope, net._norm_eps,
+            net._momentum, net.training, net.with_scores)
+        ctx.settings = (net.neighbours, net._slope, net._norm_eps, net.training, net.with_scores)
+        ctx.count = len(params)
+        ctx.save_for_backward(points, mask, *keeps, *params, *saved)
+        ctx.mark_non_differentiable(*([] if net.with_scores else [scores]))
+        return frame, scores
+
+    @staticmethod
+    def backward(ctx, grad_frame, grad_scores):
+        points, mask, keep1, keep2, *rest = ctx.saved_tensors
+        params, saved = rest[:ctx.count], rest[ctx.count:]
+        neighbours, slope, eps, training, scores = ctx.settings
+        if grad_frame is None:
+            grad_frame = points.new_zeros((points.shape[0], 3, 3))
+        if grad_scores is None:
+            grad_scores = points.new_zeros(points.shape[:2] if scores else (0,))
+        grads = torch.ops.lps_fast.vn_dgcnn_backward(grad_frame, grad_scores, points, mask, params, [keep1, keep2],
+                                                     saved, neighbours, slope, eps, training, scores)
+        return (None, None, None, None, *(g if g.numel() or not p.numel() else None for g, p in zip(grads, params)))
 
 
 def vn_score_head_composed(x: torch.Tensor, frame: torch.Tensor, pair: torch.Tensor, mask: Optional[torch.Tensor],
@@ -640,6 +681,44 @@ class VNDGCNN(nn.Module):
             self.std_frame = nn.Linear(width // 4, 3, bias=False)
             self.score_head = nn.Linear(3 * width + 3 * 2 * channels, 1)
 
+    def _whole_network_params(self) -> list:
+        """The parameters in the order of the ``vn_dgcnn`` kernel (csrc/vn_dgcnn.cpp)."""
+        def conv(layer):
+            return [layer.linear.weight, layer.direction.weight, layer.norm.norm.weight, layer.norm.norm.bias]
+
+        params = conv(self.conv1) + [self.pool1.direction.weight] + conv(self.conv2) + [self.pool2.direction.weight]
+        params += [self.frame_pool.direction.weight, self.frame_head.weight]
+        if self.with_scores:
+            params += conv(self.conv3) + conv(self.std1) + conv(self.std2)
+            params += [self.std_frame.weight, self.score_head.weight, self.score_head.bias]
+        return params
+
+    def _norms(self) -> list:
+        layers = [self.conv1, self.conv2] + ([self.conv3, self.std1, self.std2] if self.with_scores else [])
+        return [layer.norm.norm for layer in layers]
+
+    def _running_buffers(self) -> list:
+        return [t for norm in self._norms() for t in (norm.running_mean, norm.running_var)]
+
+    def _whole_network_serves(self, points: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+        """Whether the whole-network kernel runs this call: its kernel serves ``points``, no
+        gradient is asked of the input, every parameter has the input's dtype, and the layers share
+        the one slope, batch-norm eps and momentum that the kernel takes."""
+        if _whole_network_op(points) is None or points.requires_grad or points.dim() != 4:
+            return False
+        if mask is not None and mask.dtype != torch.bool:
+            return False
+        if any(p.dtype != points.dtype or p.device != points.device for p in self._whole_network_params()):
+            return False
+        norms = self._norms()
+        layers = [self.conv1, self.conv2] + ([self.conv3, self.std1, self.std2] if self.with_scores else [])
+        settings = {(norm.eps, norm.momentum) for norm in norms}
+        slopes = {layer.negative_slope for layer in layers}
+        if len(settings) != 1 or len(slopes) != 1 or any(n.momentum is None for n in norms):
+            return False
+        (self._norm_eps, self._momentum), (self._slope,) = settings.pop(), slopes
+        return True
+
     def _edge_conv(self, v, mask, conv, pool):
         neighbours = knn_neighbours(v, self.neighbours, mask)
         if fused_vn_available(v):
@@ -660,6 +739,11 @@ class VNDGCNN(nn.Module):
         return _mask_vectors(pool(conv(features, valid), dim=2, valid=valid), mask)
 
     def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        if self._whole_network_serves(points, mask):
+            keeps = [_dropout_keep(points.shape[:2] + (1, self.conv1.linear.out_features), self.dropout, points)
+                     if self.training and self.dropout > 0 else points.new_empty((0,)) for _ in range(2)]
+            frame, scores = _WholeNetwork.apply(self, points, mask, keeps, *self._whole_network_params())
+            return frame, scores if self.with_scores else None
         x1 = self._edge_conv(points, mask, self.conv1, self.pool1)  # [N, n, 3, C]
         x2 = self._edge_conv(_vector_dropout(x1, self.dropout, self.training), mask, self.conv2, self.pool2)
         x2 = _vector_dropout(x2, self.dropout, self.training)

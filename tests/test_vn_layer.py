@@ -89,6 +89,124 @@ def test_vn_dgcnn_fused_matches_the_composed_layers(dtype, training, masked, sco
         _assert_agree(fused[4][name], buffer, dtype, f"buffer {name}")
 
 
+def _run_on_data(net, x, mask, backend=None, whole_network=True, seed=5):
+    """Like _run for an input that needs no gradient (the learned distribution's noisy points):
+    the case the whole-network kernel serves; ``whole_network=False`` runs the network layer by
+    layer instead. Dropout draws from the global generator, seeded alike for every run."""
+    net = copy.deepcopy(net)
+    if not whole_network:
+        net._whole_network_serves = lambda *args: False
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(seed)
+    with lps_fast.use_backend(backend):
+        frame, scores = net(x, mask)
+        loss = (frame * torch.randn(frame.shape, generator=gen, dtype=frame.dtype)).sum()
+        if scores is not None:
+            loss = loss + (scores * torch.randn(scores.shape, generator=gen, dtype=scores.dtype)).sum()
+        loss.backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return frame, scores, grads, buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("scores", [True, False])
+def test_whole_network_kernel_matches_the_network_layer_by_layer(dtype, training, masked, scores):
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=30, neighbours=4, dropout=0.25, scores=scores).to(dtype).train(training)
+    _randomise_running_stats(net)
+    for module in net.modules():  # affine batch-norm parameters away from (1, 0)
+        if isinstance(module, MaskedBatchNorm):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x, mask = _padded_points(dtype, masked)
+    expected = {"layered": _run_on_data(net, x, mask, whole_network=False)}
+    if dtype == torch.float64:  # the composed reference too (no kernel at all)
+        expected["reference"] = _run_on_data(net, x, mask, backend="reference")
+    whole = _run_on_data(net, x, mask)
+    assert (whole[1] is None) == (not scores)
+    for path, reference in expected.items():
+        _assert_agree(whole[0], reference[0], dtype, f"frame vs {path}")
+        if scores:
+            _assert_agree(whole[1], reference[1], dtype, f"scores vs {path}")
+        for name, grad in reference[2].items():
+            if grad is None:  # the pool directions only select; without scores conv2 is unused
+                assert whole[2][name] is None, name
+            else:
+                _assert_agree(whole[2][name], grad, dtype, f"d/d{name} vs {path}")
+        for name, buffer in reference[3].items():
+            _assert_agree(whole[3][name], buffer, dtype, f"buffer {name} vs {path}")
+
+
+def test_whole_network_kernel_serves_inputs_without_gradient_on_the_default_backend(monkeypatch):
+    calls = []
+    kernel = torch.ops.lps_fast.vn_dgcnn
+    monkeypatch.setitem(lps_fast.nn._fused_vn_kernels, "network", lambda *args: calls.append(1) or kernel(*args))
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    net(x, mask)
+    assert calls == [1]
+    net(x.clone().requires_grad_(True), mask)  # an input gradient: layer by layer
+    with lps_fast.use_backend("reference"):
+        net(x, mask)
+    net.float()(x.float(), mask)
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_whole_network_kernel_opcheck(scores):
+    """Schema (the running statistics are declared mutated) and fake kernels of both directions."""
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=24, dropout=0.0, scores=scores).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    keep = torch.rand(*x.shape[:2], 1, 8, dtype=torch.float64).lt_(0.8).double()
+    params = [p.detach() for p in net._whole_network_params()]
+    args = (x, mask, params, [b.clone() for b in net._running_buffers()], [keep, keep], 4, 0.2, 1e-5, 0.1, True, scores)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.lps_fast.vn_dgcnn.default, args, test_utils=checks)
+    frame, node_scores, saved = torch.ops.lps_fast.vn_dgcnn(*args)
+    backward_args = (torch.randn_like(frame), torch.randn_like(node_scores), x, mask, params, [keep, keep], saved, 4,
+                     0.2, 1e-5, True, scores)
+    torch.library.opcheck(torch.ops.lps_fast.vn_dgcnn_backward.default, backward_args, test_utils=checks)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "params must hold"),
+    (lambda a: a.__setitem__(0, a[0].float()), TypeError, "dtype of points"),
+    (lambda a: a.__setitem__(1, torch.ones(6, 5, dtype=torch.bool)), ValueError, "mask must have shape"),
+    (lambda a: a.__setitem__(4, a[4][:1]), ValueError, "dropout must hold"),
+])
+def test_whole_network_kernel_refuses_bad_arguments(change, error, match):
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    empty = x.new_empty((0,))
+    args = [x, mask, net._whole_network_params(), net._running_buffers(), [empty, empty], 4, 0.2, 1e-5, 0.1, True,
+            True]
+    change(args)
+    with pytest.raises(error, match=match):
+        torch.ops.lps_fast.vn_dgcnn(*args)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda saved: saved.pop(), "saved must be the list"),
+    (lambda saved: saved[4].add_(100), "neighbours must lie in"),  # conv1's kNN indices
+    (lambda saved: saved.__setitem__(2, saved[2][:1]), "frame pool index must be int64 of shape"),
+])
+def test_whole_network_backward_refuses_a_foreign_saved_list(corrupt, match):
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    empty = x.new_empty((0,))
+    params = net._whole_network_params()
+    frame, scores, saved = torch.ops.lps_fast.vn_dgcnn(x, mask, params, net._running_buffers(), [empty, empty], 4,
+                                                       0.2, 1e-5, 0.1, True, True)
+    corrupt(saved)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.lps_fast.vn_dgcnn_backward(torch.ones_like(frame), torch.ones_like(scores), x, mask, params,
+                                             [empty, empty], saved, 4, 0.2, 1e-5, True, True)
+
+
 @pytest.mark.parametrize("shared_direction", [False, True])
 def test_vn_linear_leaky_relu_with_leading_dims_and_a_broadcast_mask(shared_direction):
     torch.manual_seed(0)
@@ -366,6 +484,7 @@ def test_vn_dgcnn_runs_the_score_head_kernel_on_cpu_and_the_composed_head_under_
                         lambda *args: calls.append(1) or kernel(*args))
     net = VNDGCNN(2, hidden=24, dropout=0.0).double()
     x, mask = _padded_points(torch.float64, masked=True)
+    x.requires_grad_(True)  # layer by layer (the whole-network kernel gives no input gradient)
     net(x, mask)
     assert calls == [1]
     with lps_fast.use_backend("reference"):

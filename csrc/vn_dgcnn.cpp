@@ -1,0 +1,406 @@
+// The whole vector-neuron DGCNN (lps_fast.nn.VNDGCNN) as one CPU op: forward and a hand-written
+// backward, each one call from Python. Layer by layer the network is about forty PyTorch ops
+// forward and more backward, each with its Python, dispatch and autograd bookkeeping; at the
+// n-body size (400 samples of 5 particles) that glue cost as much as the layers' kernels. Here the
+// same steps run in C++: the kernels of vn_layer and vn_score_head, matrix products and a few
+// ATen ops, with the values each backward step needs kept from the forward.
+//
+// Every step mirrors the layer-by-layer module (nn.py) op for op, so that the two agree to
+// rounding: the kNN graph, the weight stacking of the edge convolutions, the running-statistics
+// update and the frame pool are the same ATen calls; the tests compare both, forward and every
+// parameter gradient, in train and eval mode, with and without padding.
+//
+// Parameters, in this order (the module's; see VNDGCNN._whole_network_params):
+//   conv1: linear, direction, norm weight, norm bias, pool direction      (0-4)
+//   conv2: the same                                                        (5-9)
+//   frame_pool direction, frame_head                                       (10, 11)
+//   with scores: conv3 (linear, direction, norm weight, bias)              (12-15)
+//                std1 (the same), std2 (the same)                          (16-19, 20-23)
+//                std_frame, score_head weight, score_head bias             (24, 25, 26)
+// running: (mean, var) of conv1, conv2[, conv3, std1, std2], updated in place in training mode.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/vn_layer_cpu.h"
+#include "cpu/vn_score_head_cpu.h"
+
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lps_fast {
+namespace {
+
+struct Settings {
+  int64_t neighbours;
+  double slope, eps, momentum;
+  bool training;
+};
+
+at::Tensor maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
+
+// knn_neighbours of nn.py: the k nearest nodes by the distance of the flattened features, the node
+// itself first, padded nodes never neighbours (their slots repeat the node).
+at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
+  const at::Tensor flat = v.flatten(2);
+  const at::Tensor squared = (flat * flat).sum(-1);
+  at::Tensor distance = squared.unsqueeze(2) + squared.unsqueeze(1) - 2 * at::matmul(flat, flat.transpose(1, 2));
+  const int64_t n = v.size(1);
+  k = std::min(k, n);
+  if (mask.defined()) distance = distance.masked_fill(mask.logical_not().unsqueeze(1), std::numeric_limits<double>::infinity());
+  const at::Tensor eye = at::eye(n, v.options().dtype(at::kBool));
+  distance = distance.masked_fill(eye, -std::numeric_limits<double>::infinity());
+  auto [nearest, index] = at::topk(distance, k, -1, /*largest=*/false);
+  if (mask.defined()) {
+    const at::Tensor itself = at::arange(n, index.options()).view({1, n, 1}).expand_as(index);
+    index = at::where(at::isinf(nearest).logical_and(nearest > 0), itself, index);
+  }
+  return index;
+}
+
+// MaskedBatchNorm.update_running after a vn_layer call over `entries` entries per real node.
+void update_running(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& stats, const at::Tensor& mask,
+                    int64_t nodes, int64_t entries, double momentum) {
+  const at::Tensor count = mask.defined() ? (mask.sum() * entries).to(stats.scalar_type())
+                                          : at::scalar_tensor(static_cast<double>(nodes * entries), stats.options());
+  const at::Tensor unbiased = stats[1] * (count / (count - 1).clamp_min(1.0));
+  at::NoGradGuard no_grad;
+  running_mean.lerp_(stats[0].to(running_mean.scalar_type()), momentum);
+  running_var.lerp_(unbiased.to(running_var.scalar_type()), momentum);
+}
+
+// The batch-norm arguments of vn_layer: none in training mode (batch statistics), else the running ones.
+std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> running_args(const Settings& s, const at::Tensor& mean,
+                                                                             const at::Tensor& var, at::ScalarType dtype) {
+  if (s.training) return {c10::nullopt, c10::nullopt};
+  return {mean.to(dtype), var.to(dtype)};
+}
+
+// ---- an edge convolution (VNDGCNN._edge_conv): kNN, one matmul over the nodes, vn_layer --------
+
+struct EdgeSaved {
+  at::Tensor neighbours, maps, selected, stats, stacked;
+};
+
+at::Tensor edge_forward(const at::Tensor& v, const at::Tensor& mask, const at::Tensor* params, at::Tensor& running_mean,
+                        at::Tensor& running_var, const Settings& s, EdgeSaved& saved) {
+  const at::Tensor &w = params[0], &wd = params[1], &gamma = params[2], &beta = params[3], &pool = params[4];
+  const int64_t channels = v.size(-1), out = w.size(0), directions = wd.size(0);
+  saved.neighbours = knn(v, s.neighbours, mask);
+  const at::Tensor w_node = w.narrow(1, 0, channels), w_centre = w.narrow(1, channels, channels);
+  const at::Tensor wd_node = wd.narrow(1, 0, channels), wd_centre = wd.narrow(1, channels, channels);
+  // linear([v_j - v_i, v_i]) = W1 v_j + (W2 - W1) v_i: the four maps as one contiguous (in, out) matrix
+  saved.stacked = at::cat({w_node.t(), (w_centre - w_node).t(), wd_node.t(), (wd_centre - wd_node).t()}, 1);
+  saved.maps = at::matmul(v, saved.stacked);
+  const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
+  const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
+  auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[2], parts[1], parts[3], saved.neighbours, pool,
+                                                 opt(mask), gamma, beta, rm, rv, s.eps, s.slope);
+  if (s.training)
+    update_running(running_mean, running_var, stats, mask, v.size(0) * v.size(1), saved.neighbours.size(2), s.momentum);
+  saved.selected = selected;
+  saved.stats = stats;
+  return result;
+}
+
+// Gradients of an edge convolution: {input (if asked), linear weight, direction weight, norm weight, norm bias}.
+std::vector<at::Tensor> edge_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& mask,
+                                      const at::Tensor* params, const Settings& s, const EdgeSaved& saved,
+                                      bool input_grad) {
+  const int64_t channels = v.size(-1), out = params[0].size(0), directions = params[1].size(0);
+  const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
+  auto [gp, gd, gpc, gdc, g_gamma, g_beta] =
+      cpu::vn_layer_backward(grad.contiguous(), parts[0], parts[2], parts[1], parts[3], saved.neighbours,
+                             saved.selected, opt(mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope);
+  const at::Tensor g_maps = at::cat({gp, gpc, gd, gdc}, -1);
+  const at::Tensor g_stacked = v.reshape({-1, channels}).t().mm(g_maps.reshape({-1, g_maps.size(-1)}));
+  const auto blocks = g_stacked.split_with_sizes({out, out, directions, directions}, 1);
+  // stacked = [W1^T, (W2 - W1)^T, D1^T, (D2 - D1)^T]
+  at::Tensor g_w = at::cat({(blocks[0] - blocks[1]).t(), blocks[1].t()}, 1);
+  at::Tensor g_wd = at::cat({(blocks[2] - blocks[3]).t(), blocks[3].t()}, 1);
+  at::Tensor g_v = input_grad ? at::matmul(g_maps, saved.stacked.t()) : at::Tensor();
+  return {g_v, g_w, g_wd, g_gamma, g_beta};
+}
+
+// ---- a per-node VNLinearLeakyReLU: one matmul for the map and its directions, vn_layer ---------
+
+struct NodeSaved {
+  at::Tensor maps, stats, stacked;
+};
+
+at::Tensor node_forward(const at::Tensor& v, const at::Tensor& flat_mask, const at::Tensor* params,
+                        at::Tensor& running_mean, at::Tensor& running_var, const Settings& s, NodeSaved& saved) {
+  const at::Tensor &w = params[0], &wd = params[1];
+  const int64_t out = w.size(0), directions = wd.size(0);
+  const at::Tensor rows = v.reshape({-1, 1, 3, v.size(-1)});
+  saved.stacked = at::cat({w.t(), wd.t()}, 1);
+  saved.maps = at::matmul(rows, saved.stacked);
+  const auto parts = saved.maps.split_with_sizes({out, directions}, -1);
+  const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
+  auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt,
+                                                 c10::nullopt, opt(flat_mask), params[2], params[3], rm, rv, s.eps,
+                                                 s.slope);
+  if (s.training) update_running(running_mean, running_var, stats, flat_mask, rows.size(0), 1, s.momentum);
+  saved.stats = stats;
+  std::vector<int64_t> shape(v.sizes().begin(), v.sizes().end());
+  shape.back() = out;
+  return result.reshape(shape);
+}
+
+// Gradients of a per-node layer: {input, linear weight, direction weight, norm weight, norm bias}.
+std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& flat_mask,
+                                      const at::Tensor* params, const Settings& s, const NodeSaved& saved) {
+  const int64_t out = params[0].size(0), directions = params[1].size(0);
+  const auto parts = saved.maps.split_with_sizes({out, directions}, -1);
+  const at::Tensor empty = at::empty({0}, v.options().dtype(at::kLong));
+  auto [gp, gd, gpc, gdc, g_gamma, g_beta] = cpu::vn_layer_backward(
+      grad.reshape({-1, 1, 3, out}).contiguous(), parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt, empty,
+      opt(flat_mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope);
+  const at::Tensor g_maps = at::cat({gp, gd}, -1);
+  const at::Tensor g_stacked = v.reshape({-1, v.size(-1)}).t().mm(g_maps.reshape({-1, out + directions}));
+  at::Tensor g_w = g_stacked.narrow(1, 0, out).t(), g_wd = g_stacked.narrow(1, out, directions).t();
+  at::Tensor g_v = at::matmul(g_maps, saved.stacked.t()).reshape(v.sizes());
+  return {g_v, g_w.contiguous(), g_wd.contiguous(), g_gamma, g_beta};
+}
+
+// ---- the frame: a max-pool over the nodes of the first layer's features, mapped to 3 vectors ---
+
+// VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v.
+at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
+  at::Tensor score = (x * at::linear(x, direction)).sum(-2);  // [N, n, C]
+  if (mask.defined()) score = score.masked_fill(mask.logical_not().unsqueeze(-1), -std::numeric_limits<double>::infinity());
+  return score.movedim(1, -1).contiguous().argmax(-1);  // [N, C]
+}
+
+at::Tensor expanded_index(const at::Tensor& index, const at::Tensor& x) {
+  return index.view({x.size(0), 1, 1, x.size(3)}).expand({x.size(0), 1, 3, x.size(3)});
+}
+
+// The mean over the real nodes (_masked_node_mean of nn.py).
+at::Tensor node_mean(const at::Tensor& x, const at::Tensor& mask) {
+  if (!mask.defined()) return x.mean(1);
+  const at::Tensor m = mask.to(x.scalar_type()).view({mask.size(0), mask.size(1), 1, 1});
+  return (x * m).sum(1) / m.sum(1).clamp_min(1.0);
+}
+
+void check_network_args(const at::Tensor& points, const at::Tensor& mask, at::TensorList params, bool scores) {
+  TORCH_CHECK_VALUE(points.dim() == 4 && points.size(2) == 3, "points must have shape (N, n, 3, C), got ",
+                    points.sizes());
+  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble,
+                   "points must be float32 or float64, got ", points.scalar_type());
+  TORCH_CHECK_VALUE(params.size() == (scores ? 27u : 12u), "params must hold the network's ", scores ? 27 : 12,
+                    " parameters in VNDGCNN._whole_network_params order, got ", params.size());
+  for (const at::Tensor& t : params) {
+    TORCH_CHECK_TYPE(t.scalar_type() == points.scalar_type(), "every parameter must have the dtype of points (",
+                     points.scalar_type(), "), got ", t.scalar_type());
+    check_same_device(points, "points", t, "a parameter");
+  }
+  TORCH_CHECK_VALUE(params[0].dim() == 2 && params[0].size(1) == 2 * points.size(3),
+                    "conv1's linear weight must have shape (C, 2 * ", points.size(3), "), got ", params[0].sizes());
+  if (mask.defined()) {
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == points.size(0) && mask.size(1) == points.size(1),
+                      "mask must have shape (N, n) = (", points.size(0), ", ", points.size(1), "), got ", mask.sizes());
+  }
+}
+
+// The forward's values that the backward reads (outputs of the forward, never its inputs):
+//   x1, conv2's input (empty without dropout: x1 itself), the frame pool's index, the pooled
+//   vectors (0-3),
+//   conv1 and conv2 (neighbours, maps, selected, stats, stacked each: 4-8, 9-13),
+//   with scores: x12, x = [x3, context], h1, h2, local (14-18), conv3, std1, std2 (maps, stats,
+//   stacked each: 19-21, 22-24, 25-27).
+constexpr int64_t kEdgeSaved = 5, kNodeSaved = 3, kFirstEdge = 4, kFirstScores = kFirstEdge + 2 * kEdgeSaved;
+
+void push(std::vector<at::Tensor>& out, const EdgeSaved& e) {
+  for (const at::Tensor& t : {e.neighbours, e.maps, e.selected, e.stats, e.stacked}) out.push_back(t);
+}
+void push(std::vector<at::Tensor>& out, const NodeSaved& e) {
+  for (const at::Tensor& t : {e.maps, e.stats, e.stacked}) out.push_back(t);
+}
+EdgeSaved edge_at(at::TensorList saved, int64_t first) {
+  return {saved[first], saved[first + 1], saved[first + 2], saved[first + 3], saved[first + 4]};
+}
+NodeSaved node_at(at::TensorList saved, int64_t first) { return {saved[first], saved[first + 1], saved[first + 2]}; }
+
+// The backward op is reachable through torch.ops with any list: the values that index memory
+// (neighbours, selections, the frame pool's index) and the shapes the kernels trust are checked.
+void check_index(const at::Tensor& t, at::IntArrayRef shape, int64_t bound, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.sizes() == shape, "saved ", name, " must be int64 of shape ",
+                    shape, ", got ", t.scalar_type(), " ", t.sizes());
+  if (t.numel() > 0)
+    TORCH_CHECK_VALUE(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < bound, "saved ", name,
+                      " must lie in [0, ", bound, ")");
+}
+
+void check_saved_shape(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& points, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == points.scalar_type(), "saved ", name,
+                    " must have shape ", shape, " and the dtype of points, got ", t.sizes(), " ", t.scalar_type());
+}
+
+void check_edge_saved(const EdgeSaved& e, const at::Tensor& points, int64_t inputs, int64_t C, const char* name) {
+  const int64_t N = points.size(0), n = points.size(1);
+  TORCH_CHECK_VALUE(e.neighbours.dim() == 3, "saved ", name, " neighbours must have shape (N, n, K)");
+  const int64_t K = e.neighbours.size(2);
+  check_index(e.neighbours, {N, n, K}, n, (std::string(name) + " neighbours").c_str());
+  check_index(e.selected, {N, n, C}, K, (std::string(name) + " selection").c_str());
+  check_saved_shape(e.maps, {N, n, 3, 4 * C}, points, name);
+  check_saved_shape(e.stats, {2, C}, points, name);
+  check_saved_shape(e.stacked, {inputs, 4 * C}, points, name);
+}
+
+void check_node_saved(const NodeSaved& e, const at::Tensor& points, const at::Tensor* params, const char* name) {
+  const int64_t rows = points.size(0) * points.size(1), out = params[0].size(0), inputs = params[0].size(1);
+  check_saved_shape(e.maps, {rows, 1, 3, out + params[1].size(0)}, points, name);
+  check_saved_shape(e.stats, {2, out}, points, name);
+  check_saved_shape(e.stacked, {inputs, out + params[1].size(0)}, points, name);
+}
+
+// An absent tensor travels as an empty one (Tensor[] cannot hold None).
+at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
+at::Tensor present(const at::Tensor& t) { return t.numel() == 0 ? at::Tensor() : t; }
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
+    const at::Tensor& points, const c10::optional<at::Tensor>& mask_arg, at::TensorList params,
+    at::TensorList running_list, at::TensorList dropout, int64_t neighbours, double slope, double eps, double momentum,
+    bool training, bool scores) {
+  const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
+  check_network_args(points, mask, params, scores);
+  TORCH_CHECK_VALUE(running_list.size() == (scores ? 10u : 4u), "running must hold (mean, var) of each batch norm");
+  TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  const Settings s{neighbours, slope, eps, momentum, training};
+  std::vector<at::Tensor> running(running_list.begin(), running_list.end());
+  const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
+
+  EdgeSaved conv1, conv2;
+  const at::Tensor x1 = edge_forward(points, mask, &params[0], running[0], running[1], s, conv1);
+  const at::Tensor input2 = keep1.defined() ? x1 * keep1 : x1;
+  at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2);
+  if (keep2.defined()) x2 = x2 * keep2;
+  const at::Tensor index = frame_pool_index(x1, params[10], mask);
+  const at::Tensor pooled = at::gather(x1, 1, expanded_index(index, x1)).squeeze(1);  // [N, 3, C]
+  const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
+
+  std::vector<at::Tensor> saved{x1, keep1.defined() ? input2 : absent(x1), index, pooled};
+  push(saved, conv1);
+  push(saved, conv2);
+  if (!scores) return {frame, at::empty({0}, points.options()), saved};
+
+  const at::Tensor flat_mask = mask.defined() ? mask.reshape({-1, 1}) : at::Tensor();
+  const at::Tensor x12 = at::cat({x1, x2}, -1);
+  NodeSaved conv3, std1, std2;
+  const at::Tensor x3 = node_forward(x12, flat_mask, &params[12], running[4], running[5], s, conv3);
+  const at::Tensor x = at::cat({x3, node_mean(x3, mask).unsqueeze(1).expand_as(x3)}, -1);  // [N, n, 3, 2C]
+  const at::Tensor h1 = node_forward(x, flat_mask, &params[16], running[6], running[7], s, std1);
+  const at::Tensor h2 = node_forward(h1, flat_mask, &params[20], running[8], running[9], s, std2);
+  const at::Tensor local = at::linear(h2, params[24]);  // [N, n, 3, 3]: a frame per node
+  const at::Tensor head_weight = params[25].reshape({-1}).contiguous();
+  const at::Tensor node_scores = cpu::vn_score_head(x.contiguous(), local.contiguous(), x12, opt(mask), head_weight,
+                                                    params[26].contiguous());
+  for (const at::Tensor& t : {x12, x, h1, h2, local}) saved.push_back(t);
+  push(saved, conv3);
+  push(saved, std1);
+  push(saved, std2);
+  return {frame, node_scores, saved};
+}
+
+// Gradients of every parameter, in the order of params (empty where none flows: the pool
+// directions only select).
+std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, const at::Tensor& grad_scores,
+                                              const at::Tensor& points, const c10::optional<at::Tensor>& mask_arg,
+                                              at::TensorList params, at::TensorList dropout, at::TensorList saved,
+                                              int64_t neighbours, double slope, double eps, bool training, bool scores) {
+  const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
+  check_network_args(points, mask, params, scores);
+  TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == (scores ? kFirstScores + 5 + 3 * kNodeSaved : kFirstScores),
+                    "saved must be the list that vn_dgcnn returned for these arguments");
+  const Settings s{neighbours, slope, eps, 0.0, training};
+  const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
+  const at::Tensor &x1 = saved[0], &index = saved[2], &pooled = saved[3];
+  const at::Tensor& input2 = keep1.defined() ? saved[1] : x1;
+  const EdgeSaved conv1 = edge_at(saved, kFirstEdge), conv2 = edge_at(saved, kFirstEdge + kEdgeSaved);
+  const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
+  check_saved_shape(x1, {N, n, 3, C}, points, "x1");
+  check_index(index, {N, C}, n, "frame pool index");
+  check_saved_shape(pooled, {N, 3, C}, points, "pooled vectors");
+  if (keep1.defined()) check_saved_shape(saved[1], {N, n, 3, C}, points, "conv2 input");
+  check_edge_saved(conv1, points, points.size(3), C, "conv1");
+  check_edge_saved(conv2, points, C, C, "conv2");
+  std::vector<at::Tensor> grads(params.size());
+  for (size_t i = 0; i < params.size(); ++i) grads[i] = absent(params[i]);
+
+  // the frame: frame = pooled @ frame_head^T, pooled gathered from x1
+  TORCH_CHECK_VALUE(grad_frame.sizes() == at::IntArrayRef({N, 3, 3}), "grad_frame must have shape (N, 3, 3)");
+  const at::Tensor g_frame = grad_frame.to(points.scalar_type());
+  grads[11] = g_frame.reshape({-1, 3}).t().mm(pooled.reshape({-1, pooled.size(-1)}));
+  const at::Tensor g_pooled = at::matmul(g_frame, params[11]);  // [N, 3, C]
+  at::Tensor g_x1 = at::zeros_like(x1).scatter_add_(1, expanded_index(index, x1), g_pooled.unsqueeze(1));
+  at::Tensor g_x2;
+
+  if (scores) {
+    const int64_t first = kFirstScores;
+    const at::Tensor &x12 = saved[first], &x = saved[first + 1], &h1 = saved[first + 2], &h2 = saved[first + 3],
+                     &local = saved[first + 4];
+    const NodeSaved conv3 = node_at(saved, first + 5), std1 = node_at(saved, first + 5 + kNodeSaved),
+                    std2 = node_at(saved, first + 5 + 2 * kNodeSaved);
+    check_node_saved(conv3, points, &params[12], "conv3");
+    check_node_saved(std1, points, &params[16], "std1");
+    check_node_saved(std2, points, &params[20], "std2");
+    const int64_t C1 = params[16].size(0), C2 = params[20].size(0);
+    for (const auto& [t, shape, name] : {std::tuple<const at::Tensor&, std::vector<int64_t>, const char*>{
+             x12, {N, n, 3, 2 * C}, "x12"}, {x, {N, n, 3, 2 * C}, "x"}, {h1, {N, n, 3, C1}, "h1"},
+             {h2, {N, n, 3, C2}, "h2"}, {local, {N, n, 3, 3}, "local frames"}})
+      check_saved_shape(t, shape, points, name);
+    TORCH_CHECK_VALUE(grad_scores.sizes() == at::IntArrayRef({N, n}), "grad_scores must have shape (N, n)");
+    const at::Tensor flat_mask = mask.defined() ? mask.reshape({-1, 1}) : at::Tensor();
+    const at::Tensor head_weight = params[25].reshape({-1}).contiguous();
+    auto [g_x, g_local, g_x12, g_head, g_head_bias] = cpu::vn_score_head_backward(
+        grad_scores.to(points.scalar_type()).contiguous(), x.contiguous(), local.contiguous(), x12, opt(mask),
+        head_weight);
+    grads[25] = g_head.reshape(params[25].sizes());
+    grads[26] = g_head_bias.reshape(params[26].sizes());
+    grads[24] = g_local.reshape({-1, 3}).t().mm(h2.reshape({-1, h2.size(-1)}));
+    const at::Tensor g_h2 = at::matmul(g_local, params[24]);
+    auto std2_grads = node_backward(g_h2, h1, flat_mask, &params[20], s, std2);
+    auto std1_grads = node_backward(std2_grads[0], x, flat_mask, &params[16], s, std1);
+    for (int i = 1; i < 5; ++i) {
+      grads[19 + i] = std2_grads[i];
+      grads[15 + i] = std1_grads[i];
+    }
+    g_x = g_x + std1_grads[0];
+    // x = [x3, mean of x3 over the real nodes], C channels each
+    at::Tensor g_x3 = g_x.narrow(-1, 0, C);
+    const at::Tensor g_context = g_x.narrow(-1, C, C).sum(1);  // [N, 3, C]
+    if (mask.defined()) {
+      const at::Tensor m = mask.to(x.scalar_type()).view({mask.size(0), mask.size(1), 1, 1});
+      g_x3 = g_x3 + (g_context / m.sum(1).clamp_min(1.0)).unsqueeze(1) * m;
+    } else {
+      g_x3 = g_x3 + (g_context / static_cast<double>(x.size(1))).unsqueeze(1);
+    }
+    auto conv3_grads = node_backward(g_x3, x12, flat_mask, &params[12], s, conv3);
+    for (int i = 1; i < 5; ++i) grads[11 + i] = conv3_grads[i];
+    g_x12 = g_x12 + conv3_grads[0];
+    g_x1 = g_x1 + g_x12.narrow(-1, 0, C);
+    g_x2 = g_x12.narrow(-1, C, C);
+    if (keep2.defined()) g_x2 = g_x2 * keep2;
+    auto conv2_grads = edge_backward(g_x2, input2, mask, &params[5], s, conv2, /*input_grad=*/true);
+    for (int i = 1; i < 5; ++i) grads[4 + i] = conv2_grads[i];
+    g_x1 = g_x1 + (keep1.defined() ? conv2_grads[0] * keep1 : conv2_grads[0]);
+  }
+  auto conv1_grads = edge_backward(g_x1, points, mask, &params[0], s, conv1, /*input_grad=*/false);
+  for (int i = 1; i < 5; ++i) grads[i - 1] = conv1_grads[i];
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lps_fast, CPU, m) {
+  m.impl("vn_dgcnn", &vn_dgcnn_cpu);
+  m.impl("vn_dgcnn_backward", &vn_dgcnn_backward_cpu);
+}
+
+}  // namespace lps_fast
