@@ -19,12 +19,16 @@
 //                std_frame, score_head weight, score_head bias             (24, 25, 26)
 // running: (mean, var) of conv1, conv2[, conv3, std1, std2], updated in place in training mode.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "cpu/vn_layer_cpu.h"
 #include "cpu/vn_score_head_cpu.h"
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -42,22 +46,48 @@ struct Settings {
 at::Tensor maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
-// knn_neighbours of nn.py: the k nearest nodes by the distance of the flattened features, the node
-// itself first, padded nodes never neighbours (their slots repeat the node).
+// knn_neighbours of nn.py: per node the k nearest nodes by the squared distance of the flattened
+// features (|a|^2 + |b|^2 - 2 a.b from the graph's Gram matrix, as there), the node itself first,
+// padded nodes never neighbours (slots beyond the real nodes repeat the node). The selection is a
+// loop per node: as ATen ops it was about ten calls on tiny tensors per layer. Equal distances
+// are ordered by node index.
 at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
-  const at::Tensor flat = v.flatten(2);
-  const at::Tensor squared = (flat * flat).sum(-1);
-  at::Tensor distance = squared.unsqueeze(2) + squared.unsqueeze(1) - 2 * at::matmul(flat, flat.transpose(1, 2));
-  const int64_t n = v.size(1);
+  const at::Tensor flat = v.reshape({v.size(0), v.size(1), -1});
+  const at::Tensor gram = at::bmm(flat, flat.transpose(1, 2)).contiguous();  // [N, n, n]
+  const int64_t N = flat.size(0), n = flat.size(1);
   k = std::min(k, n);
-  if (mask.defined()) distance = distance.masked_fill(mask.logical_not().unsqueeze(1), std::numeric_limits<double>::infinity());
-  const at::Tensor eye = at::eye(n, v.options().dtype(at::kBool));
-  distance = distance.masked_fill(eye, -std::numeric_limits<double>::infinity());
-  auto [nearest, index] = at::topk(distance, k, -1, /*largest=*/false);
-  if (mask.defined()) {
-    const at::Tensor itself = at::arange(n, index.options()).view({1, n, 1}).expand_as(index);
-    index = at::where(at::isinf(nearest).logical_and(nearest > 0), itself, index);
-  }
+  at::Tensor index = at::empty({N, n, k}, v.options().dtype(at::kLong));
+  const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "vn_dgcnn_knn", [&] {
+    const scalar_t* g = gram.const_data_ptr<scalar_t>();
+    int64_t* out = index.mutable_data_ptr<int64_t>();
+    constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> nearest(k);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* graph = g + b * n * n;
+        for (int64_t i = 0; i < n; ++i) {
+          int64_t* row = out + (b * n + i) * k;
+          int64_t found = 0;  // row[0:found] sorted by (distance, index)
+          for (int64_t j = 0; j < n; ++j) {
+            scalar_t distance = graph[i * n + i] + graph[j * n + j] - 2 * graph[i * n + j];
+            if (valid && !valid[b * n + j]) distance = inf;
+            if (j == i) distance = -inf;
+            if (found == k && !(distance < nearest[k - 1])) continue;
+            int64_t slot = found < k ? found++ : k - 1;
+            for (; slot > 0 && distance < nearest[slot - 1]; --slot) {
+              nearest[slot] = nearest[slot - 1];
+              row[slot] = row[slot - 1];
+            }
+            nearest[slot] = distance;
+            row[slot] = j;
+          }
+          for (int64_t slot = 0; slot < k; ++slot)
+            if (nearest[slot] == inf) row[slot] = i;
+        }
+      }
+    });
+  });
   return index;
 }
 
@@ -168,11 +198,40 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 
 // ---- the frame: a max-pool over the nodes of the first layer's features, mapped to 3 vectors ---
 
-// VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v.
+// VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v
+// (the first of equal maxima, as argmax; padded nodes never, unless the graph has none: then 0).
+// The map is one matmul; the projections and the running maximum are a loop per graph, which as
+// ATen ops (a product, a sum, a transposed copy, an argmax over the middle dim) took most of it.
 at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
-  at::Tensor score = (x * at::linear(x, direction)).sum(-2);  // [N, n, C]
-  if (mask.defined()) score = score.masked_fill(mask.logical_not().unsqueeze(-1), -std::numeric_limits<double>::infinity());
-  return score.movedim(1, -1).contiguous().argmax(-1);  // [N, C]
+  const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
+  const at::Tensor values = x.contiguous(), mapped = at::linear(values, direction).contiguous();
+  at::Tensor index = at::zeros({N, C}, x.options().dtype(at::kLong));
+  const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_dgcnn_frame_pool", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* d = mapped.const_data_ptr<scalar_t>();
+    int64_t* out = index.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> best(C);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
+        for (int64_t i = 0; i < n; ++i) {
+          if (valid && !valid[b * n + i]) continue;
+          const scalar_t* node = v + (b * n + i) * 3 * C;
+          const scalar_t* projection = d + (b * n + i) * 3 * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t score = node[c] * projection[c] + node[C + c] * projection[C + c] +
+                                   node[2 * C + c] * projection[2 * C + c];
+            if (score > best[c]) {
+              best[c] = score;
+              out[b * C + c] = i;
+            }
+          }
+        }
+      }
+    });
+  });
+  return index;
 }
 
 at::Tensor expanded_index(const at::Tensor& index, const at::Tensor& x) {
