@@ -116,7 +116,7 @@ struct EdgeSaved {
 };
 
 at::Tensor edge_forward(const at::Tensor& v, const at::Tensor& mask, const at::Tensor* params, at::Tensor& running_mean,
-                        at::Tensor& running_var, const Settings& s, EdgeSaved& saved) {
+                        at::Tensor& running_var, const Settings& s, EdgeSaved& saved, const at::Tensor& into) {
   const at::Tensor &w = params[0], &wd = params[1], &gamma = params[2], &beta = params[3], &pool = params[4];
   const int64_t channels = v.size(-1), out = w.size(0), directions = wd.size(0);
   saved.neighbours = knn(v, s.neighbours, mask);
@@ -128,7 +128,7 @@ at::Tensor edge_forward(const at::Tensor& v, const at::Tensor& mask, const at::T
   const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
   const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
   auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[2], parts[1], parts[3], saved.neighbours, pool,
-                                                 opt(mask), gamma, beta, rm, rv, s.eps, s.slope);
+                                                 opt(mask), gamma, beta, rm, rv, s.eps, s.slope, opt(into));
   if (s.training)
     update_running(running_mean, running_var, stats, mask, v.size(0) * v.size(1), saved.neighbours.size(2), s.momentum);
   saved.selected = selected;
@@ -142,10 +142,12 @@ std::vector<at::Tensor> edge_backward(const at::Tensor& grad, const at::Tensor& 
                                       bool input_grad) {
   const int64_t channels = v.size(-1), out = params[0].size(0), directions = params[1].size(0);
   const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
+  // the kernel writes the four gradients into the column blocks of one buffer, the layout of maps
+  const at::Tensor g_maps = at::empty(saved.maps.sizes(), saved.maps.options());
   auto [gp, gd, gpc, gdc, g_gamma, g_beta] =
       cpu::vn_layer_backward(grad.contiguous(), parts[0], parts[2], parts[1], parts[3], saved.neighbours,
-                             saved.selected, opt(mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope);
-  const at::Tensor g_maps = at::cat({gp, gpc, gd, gdc}, -1);
+                             saved.selected, opt(mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope,
+                             g_maps);
   const at::Tensor g_stacked = v.reshape({-1, channels}).t().mm(g_maps.reshape({-1, g_maps.size(-1)}));
   const auto blocks = g_stacked.split_with_sizes({out, out, directions, directions}, 1);
   // stacked = [W1^T, (W2 - W1)^T, D1^T, (D2 - D1)^T]
@@ -162,7 +164,8 @@ struct NodeSaved {
 };
 
 at::Tensor node_forward(const at::Tensor& v, const at::Tensor& flat_mask, const at::Tensor* params,
-                        at::Tensor& running_mean, at::Tensor& running_var, const Settings& s, NodeSaved& saved) {
+                        at::Tensor& running_mean, at::Tensor& running_var, const Settings& s, NodeSaved& saved,
+                        const at::Tensor& into = at::Tensor()) {
   const at::Tensor &w = params[0], &wd = params[1];
   const int64_t out = w.size(0), directions = wd.size(0);
   const at::Tensor rows = v.reshape({-1, 1, 3, v.size(-1)});
@@ -172,9 +175,10 @@ at::Tensor node_forward(const at::Tensor& v, const at::Tensor& flat_mask, const 
   const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
   auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt,
                                                  c10::nullopt, opt(flat_mask), params[2], params[3], rm, rv, s.eps,
-                                                 s.slope);
+                                                 s.slope, into.defined() ? opt(into.view({-1, 1, 3, out})) : c10::nullopt);
   if (s.training) update_running(running_mean, running_var, stats, flat_mask, rows.size(0), 1, s.momentum);
   saved.stats = stats;
+  if (into.defined()) return into;
   std::vector<int64_t> shape(v.sizes().begin(), v.sizes().end());
   shape.back() = out;
   return result.reshape(shape);
@@ -186,10 +190,10 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
   const int64_t out = params[0].size(0), directions = params[1].size(0);
   const auto parts = saved.maps.split_with_sizes({out, directions}, -1);
   const at::Tensor empty = at::empty({0}, v.options().dtype(at::kLong));
+  const at::Tensor g_maps = at::empty(saved.maps.sizes(), saved.maps.options());  // [gp | gd], as maps
   auto [gp, gd, gpc, gdc, g_gamma, g_beta] = cpu::vn_layer_backward(
       grad.reshape({-1, 1, 3, out}).contiguous(), parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt, empty,
-      opt(flat_mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope);
-  const at::Tensor g_maps = at::cat({gp, gd}, -1);
+      opt(flat_mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope, g_maps);
   const at::Tensor g_stacked = v.reshape({-1, v.size(-1)}).t().mm(g_maps.reshape({-1, out + directions}));
   at::Tensor g_w = g_stacked.narrow(1, 0, out).t(), g_wd = g_stacked.narrow(1, out, directions).t();
   at::Tensor g_v = at::matmul(g_maps, saved.stacked.t()).reshape(v.sizes());
@@ -204,11 +208,12 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 // ATen ops (a product, a sum, a transposed copy, an argmax over the middle dim) took most of it.
 at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
   const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
-  const at::Tensor values = x.contiguous(), mapped = at::linear(values, direction).contiguous();
+  const at::Tensor mapped = at::linear(x, direction).contiguous();  // x: any strides, the last 1
+  const int64_t graph_stride = x.stride(0), node_stride = x.stride(1), row_stride = x.stride(2);
   at::Tensor index = at::zeros({N, C}, x.options().dtype(at::kLong));
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_dgcnn_frame_pool", [&] {
-    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* v = x.const_data_ptr<scalar_t>();
     const scalar_t* d = mapped.const_data_ptr<scalar_t>();
     int64_t* out = index.mutable_data_ptr<int64_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -217,11 +222,11 @@ at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, co
         std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
         for (int64_t i = 0; i < n; ++i) {
           if (valid && !valid[b * n + i]) continue;
-          const scalar_t* node = v + (b * n + i) * 3 * C;
+          const scalar_t* node = v + b * graph_stride + i * node_stride;
           const scalar_t* projection = d + (b * n + i) * 3 * C;
           for (int64_t c = 0; c < C; ++c) {
-            const scalar_t score = node[c] * projection[c] + node[C + c] * projection[C + c] +
-                                   node[2 * C + c] * projection[2 * C + c];
+            const scalar_t score = node[c] * projection[c] + node[row_stride + c] * projection[C + c] +
+                                   node[2 * row_stride + c] * projection[2 * C + c];
             if (score > best[c]) {
               best[c] = score;
               out[b * C + c] = i;
@@ -267,8 +272,8 @@ void check_network_args(const at::Tensor& points, const at::Tensor& mask, at::Te
 }
 
 // The forward's values that the backward reads (outputs of the forward, never its inputs):
-//   x1, conv2's input (empty without dropout: x1 itself), the frame pool's index, the pooled
-//   vectors (0-3),
+//   x1 (empty with scores: the first half of x12), conv2's input (empty without dropout: x1
+//   itself), the frame pool's index, the pooled vectors (0-3),
 //   conv1 and conv2 (neighbours, maps, selected, stats, stacked each: 4-8, 9-13),
 //   with scores: x12, x = [x3, context], h1, h2, local (14-18), conv3, std1, std2 (maps, stats,
 //   stacked each: 19-21, 22-24, 25-27).
@@ -334,25 +339,31 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   std::vector<at::Tensor> running(running_list.begin(), running_list.end());
   const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
 
+  // With scores the two edge convolutions write their halves of x12 = [x1, x2] (no concatenation).
+  const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
+  const at::Tensor x12 = scores ? at::empty({N, n, 3, 2 * C}, points.options()) : at::Tensor();
   EdgeSaved conv1, conv2;
-  const at::Tensor x1 = edge_forward(points, mask, &params[0], running[0], running[1], s, conv1);
+  const at::Tensor x1 = edge_forward(points, mask, &params[0], running[0], running[1], s, conv1,
+                                     scores ? x12.narrow(3, 0, C) : at::Tensor());
   const at::Tensor input2 = keep1.defined() ? x1 * keep1 : x1;
-  at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2);
-  if (keep2.defined()) x2 = x2 * keep2;
+  at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2,
+                               scores ? x12.narrow(3, C, C) : at::Tensor());
+  if (keep2.defined()) x2.mul_(keep2);
   const at::Tensor index = frame_pool_index(x1, params[10], mask);
   const at::Tensor pooled = at::gather(x1, 1, expanded_index(index, x1)).squeeze(1);  // [N, 3, C]
   const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
 
-  std::vector<at::Tensor> saved{x1, keep1.defined() ? input2 : absent(x1), index, pooled};
+  // x1 travels as x12 where that holds it (a list of outputs should not alias itself)
+  std::vector<at::Tensor> saved{scores ? absent(x1) : x1, keep1.defined() ? input2 : absent(x1), index, pooled};
   push(saved, conv1);
   push(saved, conv2);
   if (!scores) return {frame, at::empty({0}, points.options()), saved};
 
   const at::Tensor flat_mask = mask.defined() ? mask.reshape({-1, 1}) : at::Tensor();
-  const at::Tensor x12 = at::cat({x1, x2}, -1);
   NodeSaved conv3, std1, std2;
-  const at::Tensor x3 = node_forward(x12, flat_mask, &params[12], running[4], running[5], s, conv3);
-  const at::Tensor x = at::cat({x3, node_mean(x3, mask).unsqueeze(1).expand_as(x3)}, -1);  // [N, n, 3, 2C]
+  const at::Tensor x = at::empty({N, n, 3, 2 * C}, points.options());  // [x3, its mean over the nodes]
+  const at::Tensor x3 = node_forward(x12, flat_mask, &params[12], running[4], running[5], s, conv3, x.narrow(3, 0, C));
+  x.narrow(3, C, C).copy_(node_mean(x3, mask).unsqueeze(1).expand_as(x3));
   const at::Tensor h1 = node_forward(x, flat_mask, &params[16], running[6], running[7], s, std1);
   const at::Tensor h2 = node_forward(h1, flat_mask, &params[20], running[8], running[9], s, std2);
   const at::Tensor local = at::linear(h2, params[24]);  // [N, n, 3, 3]: a frame per node
@@ -379,10 +390,12 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
                     "saved must be the list that vn_dgcnn returned for these arguments");
   const Settings s{neighbours, slope, eps, 0.0, training};
   const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
-  const at::Tensor &x1 = saved[0], &index = saved[2], &pooled = saved[3];
+  const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
+  if (scores) check_saved_shape(saved[kFirstScores], {N, n, 3, 2 * C}, points, "x12");
+  const at::Tensor x1 = scores ? saved[kFirstScores].narrow(3, 0, C) : saved[0];
+  const at::Tensor &index = saved[2], &pooled = saved[3];
   const at::Tensor& input2 = keep1.defined() ? saved[1] : x1;
   const EdgeSaved conv1 = edge_at(saved, kFirstEdge), conv2 = edge_at(saved, kFirstEdge + kEdgeSaved);
-  const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
   check_saved_shape(x1, {N, n, 3, C}, points, "x1");
   check_index(index, {N, C}, n, "frame pool index");
   check_saved_shape(pooled, {N, 3, C}, points, "pooled vectors");

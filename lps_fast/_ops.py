@@ -223,7 +223,7 @@ def fake_vn_dgcnn(points, mask, params, running, dropout, neighbours, slope, eps
                 points.new_empty((inputs, out))]
 
     keep = dropout[0].numel() > 0
-    saved = [points.new_empty((N, n, 3, C)), points.new_empty((N, n, 3, C) if keep else (0,)),
+    saved = [points.new_empty((0,) if scores else (N, n, 3, C)), points.new_empty((N, n, 3, C) if keep else (0,)),
              points.new_empty((N, C), dtype=torch.int64), points.new_empty((N, 3, C))]
     saved += edge(points.shape[3]) + edge(C)
     frame = points.new_empty((N, 3, 3))

@@ -404,11 +404,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     const c10::optional<at::Tensor>& d_centre, const c10::optional<at::Tensor>& neighbours,
     const c10::optional<at::Tensor>& pool, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
     const at::Tensor& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, double eps, double slope) {
+    const c10::optional<at::Tensor>& running_var, double eps, double slope, const c10::optional<at::Tensor>& into) {
   const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
                 neighbours.has_value()};
   const bool training = !running_mean.has_value();
-  at::Tensor out = at::empty(p.sizes(), p.options());
+  at::Tensor out = into.has_value() ? *into : at::empty(p.sizes(), p.options());
   at::Tensor selected = s.edges ? at::zeros({s.N, s.n, s.C}, p.options().dtype(at::kLong))
                                 : at::empty({0}, p.options().dtype(at::kLong));
   at::Tensor stats = at::empty({2, s.C}, p.options());
@@ -504,6 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
       }
     };
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
+    const int64_t out_graph = out.stride(0), out_node = out.stride(1), out_row = out.stride(2);
     int64_t* chosen = s.edges ? selected.mutable_data_ptr<int64_t>() : nullptr;
     const acc_t keep = static_cast<acc_t>(1.0 - slope);
     std::vector<acc_t> scale(L, acc_t(0)), shift(L, acc_t(0));
@@ -517,15 +518,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           best(L, acc_t(0)), which(L, acc_t(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
-        scalar_t* dst = target + row * 3 * C;
+        scalar_t* dst = target + b * out_graph + i * out_node;
         if (s.edges && valid && !valid[row]) {  // padded nodes: zero output
-          std::fill(dst, dst + 3 * C, scalar_t(0));
+          for (int a = 0; a < 3; ++a) std::fill(dst + a * out_row, dst + a * out_row + C, scalar_t(0));
           continue;
         }
         if (!s.edges) {
           reader.read(b, i, i, pv.data(), dv.data());
           entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, o.data());
-          for (int a = 0; a < 3; ++a) copy_row(dst + a * C, o.data() + a * L, C);
+          for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, o.data() + a * L, C);
           continue;
         }
         for (int64_t k = 0; k < K; ++k) {
@@ -539,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           scores_of(o.data(), score.data());
           keep_better(score.data(), o.data(), static_cast<acc_t>(k), L, best.data(), which.data(), kept.data());
         }
-        for (int a = 0; a < 3; ++a) copy_row(dst + a * C, kept.data() + a * L, C);
+        for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, kept.data() + a * L, C);
         for (int64_t c = 0; c < C; ++c) chosen[row * C + c] = static_cast<int64_t>(which[c]);
       }
     });
@@ -551,14 +552,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad, const at::Tensor& p, const at::Tensor& d, const c10::optional<at::Tensor>& p_centre,
     const c10::optional<at::Tensor>& d_centre, const c10::optional<at::Tensor>& neighbours,
     const at::Tensor& selected, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& stats, bool training, double eps, double slope) {
+    const at::Tensor& bias, const at::Tensor& stats, bool training, double eps, double slope,
+    const c10::optional<at::Tensor>& into) {
   const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
                 neighbours.has_value()};
-  // Pass 2 writes every row of the p and d gradients (zeros where none reaches).
-  at::Tensor grad_p = at::empty(p.sizes(), p.options());
-  at::Tensor grad_d = at::empty(d.sizes(), d.options());
-  at::Tensor grad_pc = p_centre.has_value() ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
-  at::Tensor grad_dc = d_centre.has_value() ? at::empty(d.sizes(), d.options()) : at::empty({0}, d.options());
+  // Pass 2 writes every row of the p and d gradients (zeros where none reaches): into column blocks
+  // [p | p_centre | d | d_centre] of `into` where given, else into tensors of their own.
+  at::Tensor grad_p, grad_d, grad_pc, grad_dc;
+  if (into.has_value()) {
+    int64_t column = 0;
+    auto block = [&](int64_t width) { return into->narrow(3, (column += width) - width, width); };
+    grad_p = block(s.C);
+    grad_pc = p_centre.has_value() ? block(s.C) : at::empty({0}, p.options());
+    grad_d = block(s.D);
+    grad_dc = d_centre.has_value() ? block(s.D) : at::empty({0}, d.options());
+  } else {
+    grad_p = at::empty(p.sizes(), p.options());
+    grad_d = at::empty(d.sizes(), d.options());
+    grad_pc = p_centre.has_value() ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
+    grad_dc = d_centre.has_value() ? at::empty(d.sizes(), d.options()) : at::empty({0}, d.options());
+  }
   at::Tensor grad_weight = at::zeros({s.C}, weight.options());
   at::Tensor grad_bias = at::zeros({s.C}, bias.options());
   if (s.C == 0 || s.N * s.n == 0) {
@@ -662,6 +675,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // the same order of additions as adding into the outputs.
     const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                               mean_gx.data(), mean_gxx.data(), keep};
+    // strides of the p and d gradient blocks (the centre terms' blocks have the same)
+    const int64_t p_graph = grad_p.stride(0), p_node = grad_p.stride(1), p_row = grad_p.stride(2),
+                  d_graph = grad_d.stride(0), d_node = grad_d.stride(1), d_row = grad_d.stride(2);
     scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
     scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
     scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
@@ -751,11 +767,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         for (int64_t j = 0; j < n; ++j) {
           for (int a = 0; a < 3; ++a) {
-            const int64_t out_row = (b * n + j) * 3 + a;
-            copy_row(gp + out_row * C, at_row(gp_graph, j, a), C);
-            copy_row(gd + out_row * D, at_row(gd_graph, j, a), D);
-            if (gpc) copy_row(gpc + out_row * C, at_row(gpc_graph, j, a), C);
-            if (gdc) copy_row(gdc + out_row * D, at_row(gdc_graph, j, a), D);
+            const int64_t p_at = b * p_graph + j * p_node + a * p_row, d_at = b * d_graph + j * d_node + a * d_row;
+            copy_row(gp + p_at, at_row(gp_graph, j, a), C);
+            copy_row(gd + d_at, at_row(gd_graph, j, a), D);
+            if (gpc) copy_row(gpc + p_at, at_row(gpc_graph, j, a), C);
+            if (gdc) copy_row(gdc + d_at, at_row(gdc_graph, j, a), D);
           }
         }
       }
