@@ -598,6 +598,7 @@ class _WholeNetwork(torch.autograd.Function):
         return frame, scores
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_frame, grad_scores):
         points, mask, keep1, keep2, *rest = ctx.saved_tensors
         params, saved = rest[:ctx.count], rest[ctx.count:]
@@ -657,6 +658,12 @@ class VNDGCNN(nn.Module):
 
     Shapes: ``points (N, n, 3, C)`` (the layout of ``inputs['points']``), ``mask (N, n)`` bool or
     None. ``hidden`` is split in 3-vector channels of ``hidden // 3``.
+
+    On CPU (float32/64, the default backend) a call whose input needs no gradient (the learned
+    distribution's: noise plus data) runs the whole network as one compiled op each way
+    (``lps_fast::vn_dgcnn``, ``vn_dgcnn_backward``: one autograd node); otherwise, and under
+    ``torch.compile``, it runs layer by layer on the fused ``vn_layer`` kernel, or on the composed
+    layers under the reference backend. All three give the same values (to rounding).
     """
 
     def __init__(self, vector_channels: int, hidden: int = 64, neighbours: int = 4, dropout: float = 0.08,
