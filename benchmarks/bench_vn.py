@@ -13,8 +13,10 @@ run). Providers, all on the same module and inputs:
 * ``fused+compile``: ``torch.compile`` of the module with the fused kernel (inductor compiles the
   rest of the network around the custom op).
 
-Modes: ``fwd`` (eval mode, no grad: the network at test time) and ``full`` (train mode, forward
-and backward: a training step's share). Every provider passes an agreement gate against
+Modes: ``fwd`` (eval mode, no grad: the network at test time), ``full`` (train mode, forward
+and backward with the input's gradient too) and ``train`` (train mode, forward and backward to
+the parameters alone: a training step's share, since the learned distribution's input is noise
+plus data; the fused provider then runs the whole network as one op, ``lps_fast::vn_dgcnn``). Every provider passes an agreement gate against
 ``composed`` before it is timed: outputs and input/parameter gradients within 1e-8 of each
 tensor's scale, in float64 (in float32 a rounding difference can flip a max-pool or kNN selection
 between near-equal candidates, which changes that entry by O(1): torch.compile of the composed
@@ -50,7 +52,7 @@ from lps_fast.nn import VNDGCNN
 
 FAMILY = "vn"
 PROVIDERS = ("composed", "composed+compile", "fused", "fused+compile")
-MODES = ("fwd", "full")
+MODES = ("fwd", "full", "train")
 # name: (samples N, nodes n, 3-vector channels C, neighbours K); hidden 64 as the paper's network
 SCALES = {
     "nbody": (400, 5, 2, 4),  # batch 100 x k = 4 samples of 5 particles (positions, velocities)
@@ -66,7 +68,7 @@ def _inputs(N: int, n: int, C: int, seed: int):
 
 def _callable(provider: str, net: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
     backend = "reference" if provider.startswith("composed") else None
-    module = copy.deepcopy(net).train(mode == "full")
+    module = copy.deepcopy(net).train(mode != "fwd")
     if provider.endswith("+compile"):
         torch._dynamo.reset()  # a fresh cache: every (scale, mode, dtype) would otherwise count as a recompile
         with lps_fast.use_backend(backend):
@@ -81,7 +83,7 @@ def _callable(provider: str, net: torch.nn.Module, x: torch.Tensor, mode: str) -
     def full():
         nonlocal weights
         with lps_fast.use_backend(backend):
-            xg = x.detach().requires_grad_(True)
+            xg = x.detach().requires_grad_(mode == "full")
             frame, scores = module(xg)
             if weights is None:
                 weights = (torch.randn(frame.shape, generator=gen).to(frame), torch.randn(scores.shape, generator=gen).to(scores))
