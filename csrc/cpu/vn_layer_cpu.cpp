@@ -392,9 +392,14 @@ struct Shape {
   bool edges;
 };
 
-// Entry buffers hold each coordinate's channels padded to a multiple of 16 lanes, so that the
-// channel loops run whole vectors (the padding lanes compute on zeros and are never read).
-inline int64_t lanes(int64_t C) { return (C + 15) / 16 * 16; }
+// Entry buffers hold each coordinate's channels padded to a multiple of 8 lanes (a 32-byte vector
+// of float): the channel loops run whole 64-byte vectors and one 32-byte epilogue at most (21
+// float channels: 24 lanes, not 32). The padding lanes compute on zeros and are never read.
+inline int64_t lanes(int64_t C) { return (C + 7) / 8 * 8; }
+// Whole-vector gathers and scatters (read_selected, the backward's scatter) touch up to a vector
+// past a row's L lanes: into the next row (rewritten afterwards, or rewritten unchanged), and
+// past the last row into this much slack at the end of the buffer.
+constexpr int64_t kSlack = 16;
 
 
 }  // namespace
@@ -514,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     }
 
     at::parallel_for(0, s.N * n, std::max<int64_t>(1, 4096 / (K * C + 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), o(3 * L), kept(3 * L), score(L, acc_t(0)),
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), o(3 * L), kept(3 * L), score(L, acc_t(0)),
           best(L, acc_t(0)), which(L, acc_t(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
@@ -624,7 +629,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const BackwardConstants<acc_t> plain{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                          no_stats.data(), no_stats.data(), keep};
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L);
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
+          xhat(L);
       Selection<acc_t> selection(K, C);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         double* sum_gy = partial.data() + chunk * 2 * C;
@@ -683,11 +689,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0)), gout(3 * L, acc_t(0)), gy(L), xhat(L), gpe(3 * L),
-          gde(3 * L);
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
+          xhat(L), gpe(3 * L), gde(3 * L);
       // row (j, a) of the graph at (j * 3 + a) * L; a shared direction's gradient in lane 0
       const int64_t graph_lanes = n * 3 * L;
-      std::vector<acc_t> gp_graph(graph_lanes), gd_graph(graph_lanes), gpc_graph(gpc ? graph_lanes : 0),
+      std::vector<acc_t> gp_graph(graph_lanes + kSlack), gd_graph(graph_lanes + kSlack), gpc_graph(gpc ? graph_lanes : 0),
           gdc_graph(gdc ? graph_lanes : 0);
       auto at_row = [&](std::vector<acc_t>& buffer, int64_t j, int a) { return buffer.data() + (j * 3 + a) * L; };
       Selection<acc_t> selection(K, C);
