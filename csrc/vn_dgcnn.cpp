@@ -28,6 +28,7 @@
 #include "cpu/vn_score_head_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -47,30 +48,32 @@ at::Tensor maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
 // knn_neighbours of nn.py: per node the k nearest nodes by the squared distance of the flattened
-// features (|a|^2 + |b|^2 - 2 a.b from the graph's Gram matrix, as there), the node itself first,
-// padded nodes never neighbours (slots beyond the real nodes repeat the node). The selection is a
-// loop per node: as ATen ops it was about ten calls on tiny tensors per layer. Equal distances
-// are ordered by node index.
+// features, the node itself first, padded nodes never neighbours (their slots repeat the node),
+// equal distances in node order. The distances are the same ATen expression as there, so both
+// paths choose the same neighbours even among exact ties; the selection is a loop per node (as
+// ATen ops, masked fills and a sort or topk, it was most of the cost).
 at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
   const at::Tensor flat = v.reshape({v.size(0), v.size(1), -1});
-  const at::Tensor gram = at::bmm(flat, flat.transpose(1, 2)).contiguous();  // [N, n, n]
+  const at::Tensor squared = (flat * flat).sum(-1);
+  const at::Tensor distances =
+      (squared.unsqueeze(2) + squared.unsqueeze(1) - 2 * at::matmul(flat, flat.transpose(1, 2))).contiguous();
   const int64_t N = flat.size(0), n = flat.size(1);
   k = std::min(k, n);
   at::Tensor index = at::empty({N, n, k}, v.options().dtype(at::kLong));
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "vn_dgcnn_knn", [&] {
-    const scalar_t* g = gram.const_data_ptr<scalar_t>();
+    const scalar_t* all = distances.const_data_ptr<scalar_t>();
     int64_t* out = index.mutable_data_ptr<int64_t>();
     constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> nearest(k);
       for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* graph = g + b * n * n;
         for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* from_i = all + (b * n + i) * n;
           int64_t* row = out + (b * n + i) * k;
           int64_t found = 0;  // row[0:found] sorted by (distance, index)
           for (int64_t j = 0; j < n; ++j) {
-            scalar_t distance = graph[i * n + i] + graph[j * n + j] - 2 * graph[i * n + j];
+            scalar_t distance = from_i[j];
             if (valid && !valid[b * n + j]) distance = inf;
             if (j == i) distance = -inf;
             if (found == k && !(distance < nearest[k - 1])) continue;
@@ -82,8 +85,9 @@ at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
             nearest[slot] = distance;
             row[slot] = j;
           }
-          for (int64_t slot = 0; slot < k; ++slot)
-            if (nearest[slot] == inf) row[slot] = i;
+          if (valid)
+            for (int64_t slot = 0; slot < k; ++slot)
+              if (nearest[slot] == inf) row[slot] = i;
         }
       }
     });
@@ -204,17 +208,17 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 
 // VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v
 // (the first of equal maxima, as argmax; padded nodes never, unless the graph has none: then 0).
-// The map is one matmul; the projections and the running maximum are a loop per graph, which as
-// ATen ops (a product, a sum, a transposed copy, an argmax over the middle dim) took most of it.
+// The scores are the same ATen expression as there (so both paths agree even among exact ties);
+// the argmax over the nodes is a loop (a transposed copy and an argmax over the middle dim before).
 at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
   const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
-  const at::Tensor mapped = at::linear(x, direction).contiguous();  // x: any strides, the last 1
-  const int64_t graph_stride = x.stride(0), node_stride = x.stride(1), row_stride = x.stride(2);
+  // x1 is a column block of [x1, x2]: a dense copy gives BLAS the operand layout of the layered path
+  const at::Tensor dense = x.contiguous();
+  const at::Tensor scores = (dense * at::linear(dense, direction)).sum(-2).contiguous();  // [N, n, C]
   at::Tensor index = at::zeros({N, C}, x.options().dtype(at::kLong));
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_dgcnn_frame_pool", [&] {
-    const scalar_t* v = x.const_data_ptr<scalar_t>();
-    const scalar_t* d = mapped.const_data_ptr<scalar_t>();
+    const scalar_t* all = scores.const_data_ptr<scalar_t>();
     int64_t* out = index.mutable_data_ptr<int64_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> best(C);
@@ -222,13 +226,10 @@ at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, co
         std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
         for (int64_t i = 0; i < n; ++i) {
           if (valid && !valid[b * n + i]) continue;
-          const scalar_t* node = v + b * graph_stride + i * node_stride;
-          const scalar_t* projection = d + (b * n + i) * 3 * C;
+          const scalar_t* score = all + (b * n + i) * C;
           for (int64_t c = 0; c < C; ++c) {
-            const scalar_t score = node[c] * projection[c] + node[row_stride + c] * projection[C + c] +
-                                   node[2 * row_stride + c] * projection[2 * C + c];
-            if (score > best[c]) {
-              best[c] = score;
+            if (score[c] > best[c]) {
+              best[c] = score[c];
               out[b * C + c] = i;
             }
           }
@@ -250,7 +251,13 @@ at::Tensor node_mean(const at::Tensor& x, const at::Tensor& mask) {
   return (x * m).sum(1) / m.sum(1).clamp_min(1.0);
 }
 
-void check_network_args(const at::Tensor& points, const at::Tensor& mask, at::TensorList params, bool scores) {
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_network_args(const at::Tensor& points, const at::Tensor& mask, at::TensorList params, bool scores,
+                        int64_t neighbours) {
+  TORCH_CHECK_VALUE(neighbours >= 1, "neighbours must be at least 1, got ", neighbours);
   TORCH_CHECK_VALUE(points.dim() == 4 && points.size(2) == 3, "points must have shape (N, n, 3, C), got ",
                     points.sizes());
   TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble,
@@ -264,6 +271,34 @@ void check_network_args(const at::Tensor& points, const at::Tensor& mask, at::Te
   }
   TORCH_CHECK_VALUE(params[0].dim() == 2 && params[0].size(1) == 2 * points.size(3),
                     "conv1's linear weight must have shape (C, 2 * ", points.size(3), "), got ", params[0].sizes());
+  // every other shape follows from C and, with scores, the widths of std1 and std2
+  const int64_t Cin = points.size(3), C = params[0].size(0);
+  check_shape(params[1], {C, 2 * Cin}, "conv1's direction weight");
+  for (int64_t layer : {0, 5}) {
+    check_shape(params[layer + 2], {C}, "an edge convolution's norm weight");
+    check_shape(params[layer + 3], {C}, "an edge convolution's norm bias");
+    check_shape(params[layer + 4], {C, C}, "an edge convolution's pool direction");
+  }
+  check_shape(params[5], {C, 2 * C}, "conv2's linear weight");
+  check_shape(params[6], {C, 2 * C}, "conv2's direction weight");
+  check_shape(params[10], {C, C}, "frame_pool's direction weight");
+  check_shape(params[11], {3, C}, "frame_head's weight");
+  if (!scores) return;
+  TORCH_CHECK_VALUE(params[16].dim() == 2 && params[20].dim() == 2, "std1's and std2's linear weights must be matrices");
+  const int64_t C1 = params[16].size(0), C2 = params[20].size(0);
+  check_shape(params[12], {C, 2 * C}, "conv3's linear weight");
+  check_shape(params[13], {1, 2 * C}, "conv3's direction weight");
+  check_shape(params[16], {C1, 2 * C}, "std1's linear weight");
+  check_shape(params[17], {C1, 2 * C}, "std1's direction weight");
+  check_shape(params[20], {C2, C1}, "std2's linear weight");
+  check_shape(params[21], {C2, C1}, "std2's direction weight");
+  for (auto [layer, width] : {std::pair<int64_t, int64_t>{12, C}, {16, C1}, {20, C2}}) {
+    check_shape(params[layer + 2], {width}, "a per-node layer's norm weight");
+    check_shape(params[layer + 3], {width}, "a per-node layer's norm bias");
+  }
+  check_shape(params[24], {3, C2}, "std_frame's weight");
+  check_shape(params[25], {1, 12 * C}, "score_head's weight");
+  check_shape(params[26], {1}, "score_head's bias");
   if (mask.defined()) {
     TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
     TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == points.size(0) && mask.size(1) == points.size(1),
@@ -332,9 +367,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
     at::TensorList running_list, at::TensorList dropout, int64_t neighbours, double slope, double eps, double momentum,
     bool training, bool scores) {
   const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
-  check_network_args(points, mask, params, scores);
+  check_network_args(points, mask, params, scores, neighbours);
   TORCH_CHECK_VALUE(running_list.size() == (scores ? 10u : 4u), "running must hold (mean, var) of each batch norm");
   TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  for (size_t i = 0; i < running_list.size(); ++i) {
+    const at::Tensor& norm_weight = params[std::array<int64_t, 5>{2, 7, 14, 18, 22}[i / 2]];
+    check_shape(running_list[i], norm_weight.sizes(), "a running statistic");
+    TORCH_CHECK_VALUE(running_list[i].is_floating_point() && running_list[i].device() == points.device(),
+                      "running statistics must be floating point, on the device of points");
+  }
+  for (const at::Tensor& keep : dropout)
+    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, params[0].size(0)}, "a dropout mask");
   const Settings s{neighbours, slope, eps, momentum, training};
   std::vector<at::Tensor> running(running_list.begin(), running_list.end());
   const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
@@ -381,11 +424,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
 // directions only select).
 std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, const at::Tensor& grad_scores,
                                               const at::Tensor& points, const c10::optional<at::Tensor>& mask_arg,
-                                              at::TensorList params, at::TensorList dropout, at::TensorList saved,
+                                              at::TensorList params, at::TensorList dropout, at::TensorList saved_arg,
                                               int64_t neighbours, double slope, double eps, bool training, bool scores) {
+  // the kernels read the saved values through raw pointers: dense copies of any other layout
+  std::vector<at::Tensor> saved_dense;
+  for (const at::Tensor& t : saved_arg) saved_dense.push_back(t.contiguous());
+  const at::TensorList saved = saved_dense;
   const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
-  check_network_args(points, mask, params, scores);
+  check_network_args(points, mask, params, scores, neighbours);
   TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  for (const at::Tensor& keep : dropout)
+    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, params[0].size(0)}, "a dropout mask");
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == (scores ? kFirstScores + 5 + 3 * kNodeSaved : kFirstScores),
                     "saved must be the list that vn_dgcnn returned for these arguments");
   const Settings s{neighbours, slope, eps, 0.0, training};

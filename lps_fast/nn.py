@@ -529,7 +529,9 @@ def knn_neighbours(v: torch.Tensor, k: int, mask: Optional[torch.Tensor]) -> tor
     # The node itself first, whatever rounding says about its distance.
     eye = torch.eye(n, dtype=torch.bool, device=v.device)
     distance = distance.masked_fill(eye, float("-inf"))
-    nearest, index = torch.topk(distance, k, dim=-1, largest=False)
+    # a stable sort orders equal distances by node index, as the whole-network kernel does (topk
+    # leaves their order unspecified)
+    nearest, index = (t[..., :k] for t in torch.sort(distance, dim=-1, stable=True))
     if mask is not None:
         itself = torch.arange(n, device=v.device)[None, :, None].expand_as(index)
         index = torch.where(torch.isinf(nearest) & (nearest > 0), itself, index)
@@ -595,6 +597,7 @@ class _WholeNetwork(torch.autograd.Function):
         ctx.count = len(params)
         ctx.save_for_backward(points, mask, *keeps, *params, *saved)
         ctx.mark_non_differentiable(*([] if net.with_scores else [scores]))
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None (see backward)
         return frame, scores
 
     @staticmethod
@@ -603,13 +606,18 @@ class _WholeNetwork(torch.autograd.Function):
         points, mask, keep1, keep2, *rest = ctx.saved_tensors
         params, saved = rest[:ctx.count], rest[ctx.count:]
         neighbours, slope, eps, training, scores = ctx.settings
+        # parameters that only an unused output reaches get None, as layer by layer
+        unreached = set()
         if grad_frame is None:
             grad_frame = points.new_zeros((points.shape[0], 3, 3))
+            unreached |= {11}  # frame_head
         if grad_scores is None:
             grad_scores = points.new_zeros(points.shape[:2] if scores else (0,))
+            unreached |= {5, 6, 7, 8} | set(range(12, len(params)))  # conv2 and the score branch
         grads = torch.ops.lps_fast.vn_dgcnn_backward(grad_frame, grad_scores, points, mask, params, [keep1, keep2],
                                                      saved, neighbours, slope, eps, training, scores)
-        return (None, None, None, None, *(g if g.numel() or not p.numel() else None for g, p in zip(grads, params)))
+        return (None, None, None, None, *(None if i in unreached or (g.numel() == 0 and p.numel()) else g
+                                          for i, (g, p) in enumerate(zip(grads, params))))
 
 
 def vn_score_head_composed(x: torch.Tensor, frame: torch.Tensor, pair: torch.Tensor, mask: Optional[torch.Tensor],
@@ -662,8 +670,10 @@ class VNDGCNN(nn.Module):
     On CPU (float32/64, the default backend) a call whose input needs no gradient (the learned
     distribution's: noise plus data) runs the whole network as one compiled op each way
     (``lps_fast::vn_dgcnn``, ``vn_dgcnn_backward``: one autograd node); otherwise, and under
-    ``torch.compile``, it runs layer by layer on the fused ``vn_layer`` kernel, or on the composed
-    layers under the reference backend. All three give the same values (to rounding).
+    ``torch.compile``, under ``torch.func`` transforms and while any layer has a hook, it runs layer
+    by layer on the fused ``vn_layer`` kernel, or on the composed layers under the reference
+    backend. All three give the same values (to rounding; equal kNN distances are ordered by node
+    index on every path).
     """
 
     def __init__(self, vector_channels: int, hidden: int = 64, neighbours: int = 4, dropout: float = 0.08,
@@ -711,7 +721,12 @@ class VNDGCNN(nn.Module):
         """Whether the whole-network kernel runs this call: its kernel serves ``points``, no
         gradient is asked of the input, every parameter has the input's dtype, and the layers share
         the one slope, batch-norm eps and momentum that the kernel takes."""
-        if _whole_network_op(points) is None or points.requires_grad or points.dim() != 4:
+        if _whole_network_op(points) is None or points.requires_grad or points.dim() != 4 or points.numel() == 0:
+            return False
+        if torch._C._are_functorch_transforms_active():  # vmap and friends: the layers compose
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in self.modules() if m is not self):  # hooks on the layers must see them run
             return False
         if mask is not None and mask.dtype != torch.bool:
             return False

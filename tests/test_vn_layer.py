@@ -155,6 +155,62 @@ def test_whole_network_kernel_serves_inputs_without_gradient_on_the_default_back
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_whole_network_kernel_matches_the_layers_on_exact_ties(dtype, training):
+    """A lattice: equal kNN distances and equal pool scores in exact arithmetic. Both paths order
+    equal distances by node index and compute the distances and scores by the same expression."""
+    lattice = torch.tensor([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
+                           dtype=dtype)
+    x = torch.stack([lattice, lattice[torch.tensor([3, 0, 6, 1, 5, 2, 4])]])[..., None]  # (2, 7, 3, 1)
+    torch.manual_seed(0)
+    net = VNDGCNN(1, hidden=30, neighbours=4, dropout=0.0).to(dtype).train(training)
+    _randomise_running_stats(net)
+    whole, layered = _run_on_data(net, x, None), _run_on_data(net, x, None, whole_network=False)
+    _assert_agree(whole[0], layered[0], dtype, "frame")
+    _assert_agree(whole[1], layered[1], dtype, "scores")
+    for name, grad in layered[2].items():
+        if grad is not None:
+            _assert_agree(whole[2][name], grad, dtype, f"d/d{name}")
+
+
+@pytest.mark.parametrize("output", ["frame", "scores"])
+def test_whole_network_leaves_parameters_only_an_unused_output_reaches_without_gradient(output):
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    grads = []
+    for whole_network in (True, False):
+        module = copy.deepcopy(net)
+        if not whole_network:
+            module._whole_network_serves = lambda *args: False
+        frame, scores = module(x, mask)
+        (frame if output == "frame" else scores).sum().backward()
+        grads.append({name: p.grad for name, p in module.named_parameters()})
+    assert {n for n, g in grads[0].items() if g is None} == {n for n, g in grads[1].items() if g is None}
+    for name, grad in grads[1].items():
+        if grad is not None:
+            _assert_agree(grads[0][name], grad, torch.float64, f"d/d{name}")
+
+
+def test_whole_network_kernel_steps_aside_where_it_does_not_serve(monkeypatch):
+    """An empty batch, a torch.func transform and a hook on a layer run the network layer by layer."""
+    calls = []
+    kernel = torch.ops.lps_fast.vn_dgcnn
+    monkeypatch.setitem(lps_fast.nn._fused_vn_kernels, "network", lambda *args: calls.append(1) or kernel(*args))
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double().eval()
+    x, mask = _padded_points(torch.float64, masked=False)
+    frame, scores = net(x[:0], None)
+    assert frame.shape == (0, 3, 3) and scores.shape == (0, x.shape[1])
+    batched = torch.func.vmap(lambda points: net(points, None))(x[None].expand(2, *x.shape))
+    torch.testing.assert_close(batched[0][1], net(x, None)[0])
+    assert calls == [1]  # the last call only
+    handle = net.conv3.register_forward_hook(lambda *args: calls.append("hook"))
+    net(x, None)
+    handle.remove()
+    assert calls == [1, "hook"]
+
+
 @pytest.mark.parametrize("scores", [True, False])
 def test_whole_network_kernel_opcheck(scores):
     """Schema (the running statistics are declared mutated) and fake kernels of both directions."""
@@ -177,6 +233,10 @@ def test_whole_network_kernel_opcheck(scores):
     (lambda a: a.__setitem__(0, a[0].float()), TypeError, "dtype of points"),
     (lambda a: a.__setitem__(1, torch.ones(6, 5, dtype=torch.bool)), ValueError, "mask must have shape"),
     (lambda a: a.__setitem__(4, a[4][:1]), ValueError, "dropout must hold"),
+    (lambda a: a.__setitem__(5, 0), ValueError, "neighbours must be at least 1"),
+    (lambda a: a[2].__setitem__(2, a[2][2][:1]), ValueError, "norm weight must have shape"),
+    (lambda a: a[2].__setitem__(25, a[2][25][:, :3]), ValueError, "score_head's weight must have shape"),
+    (lambda a: a[3].__setitem__(0, a[3][0][:1]), ValueError, "running statistic must have shape"),
 ])
 def test_whole_network_kernel_refuses_bad_arguments(change, error, match):
     net = VNDGCNN(2, hidden=24, dropout=0.0).double()

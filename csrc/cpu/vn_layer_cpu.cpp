@@ -690,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
-          xhat(L), gpe(3 * L), gde(3 * L);
+          xhat(L), gpe(3 * L + kSlack), gde(3 * L + kSlack);  // the scatter reads them a whole vector at a time
       // row (j, a) of the graph at (j * 3 + a) * L; a shared direction's gradient in lane 0
       const int64_t graph_lanes = n * 3 * L;
       std::vector<acc_t> gp_graph(graph_lanes + kSlack), gd_graph(graph_lanes + kSlack), gpc_graph(gpc ? graph_lanes : 0),
