@@ -44,7 +44,6 @@ struct Settings {
   bool training;
 };
 
-at::Tensor maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
 // knn_neighbours of nn.py: per node the k nearest nodes by the squared distance of the flattened
@@ -358,6 +357,12 @@ void check_node_saved(const NodeSaved& e, const at::Tensor& points, const at::Te
   check_saved_shape(e.stacked, {inputs, out + params[1].size(0)}, points, name);
 }
 
+void check_dropout(at::TensorList dropout, const at::Tensor& points, int64_t C) {
+  TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  for (const at::Tensor& keep : dropout)
+    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, C}, "a dropout mask");
+}
+
 // An absent tensor travels as an empty one (Tensor[] cannot hold None).
 at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
 at::Tensor present(const at::Tensor& t) { return t.numel() == 0 ? at::Tensor() : t; }
@@ -369,15 +374,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
   check_network_args(points, mask, params, scores, neighbours);
   TORCH_CHECK_VALUE(running_list.size() == (scores ? 10u : 4u), "running must hold (mean, var) of each batch norm");
-  TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
+  check_dropout(dropout, points, params[0].size(0));
   for (size_t i = 0; i < running_list.size(); ++i) {
     const at::Tensor& norm_weight = params[std::array<int64_t, 5>{2, 7, 14, 18, 22}[i / 2]];
     check_shape(running_list[i], norm_weight.sizes(), "a running statistic");
     TORCH_CHECK_VALUE(running_list[i].is_floating_point() && running_list[i].device() == points.device(),
                       "running statistics must be floating point, on the device of points");
   }
-  for (const at::Tensor& keep : dropout)
-    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, params[0].size(0)}, "a dropout mask");
   const Settings s{neighbours, slope, eps, momentum, training};
   std::vector<at::Tensor> running(running_list.begin(), running_list.end());
   const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
@@ -432,9 +435,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
   const at::TensorList saved = saved_dense;
   const at::Tensor mask = mask_arg.has_value() ? mask_arg->contiguous() : at::Tensor();
   check_network_args(points, mask, params, scores, neighbours);
-  TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
-  for (const at::Tensor& keep : dropout)
-    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, params[0].size(0)}, "a dropout mask");
+  check_dropout(dropout, points, params[0].size(0));
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == (scores ? kFirstScores + 5 + 3 * kNodeSaved : kFirstScores),
                     "saved must be the list that vn_dgcnn returned for these arguments");
   const Settings s{neighbours, slope, eps, 0.0, training};

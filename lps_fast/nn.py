@@ -589,11 +589,12 @@ class _WholeNetwork(torch.autograd.Function):
     parameter gradient (the network's input is noise plus data: no gradient flows to it)."""
 
     @staticmethod
-    def forward(ctx, net: "VNDGCNN", points, mask, keeps, *params):
+    def forward(ctx, net: "VNDGCNN", settings, points, mask, keeps, *params):
+        slope, eps, momentum = settings
         frame, scores, saved = _vn_kernels()["network"](
-            points, mask, list(params), net._running_buffers(), keeps, net.neighbours, net._slope, net._norm_eps,
-            net._momentum, net.training, net.with_scores)
-        ctx.settings = (net.neighbours, net._slope, net._norm_eps, net.training, net.with_scores)
+            points, mask, list(params), net._running_buffers(), keeps, net.neighbours, slope, eps, momentum,
+            net.training, net.with_scores)
+        ctx.settings = (net.neighbours, slope, eps, net.training, net.with_scores)
         ctx.count = len(params)
         ctx.save_for_backward(points, mask, *keeps, *params, *saved)
         ctx.mark_non_differentiable(*([] if net.with_scores else [scores]))
@@ -616,7 +617,7 @@ class _WholeNetwork(torch.autograd.Function):
             unreached |= {5, 6, 7, 8} | set(range(12, len(params)))  # conv2 and the score branch
         grads = torch.ops.lps_fast.vn_dgcnn_backward(grad_frame, grad_scores, points, mask, params, [keep1, keep2],
                                                      saved, neighbours, slope, eps, training, scores)
-        return (None, None, None, None, *(None if i in unreached or (g.numel() == 0 and p.numel()) else g
+        return (None, None, None, None, None, *(None if i in unreached or (g.numel() == 0 and p.numel()) else g
                                           for i, (g, p) in enumerate(zip(grads, params))))
 
 
@@ -710,36 +711,34 @@ class VNDGCNN(nn.Module):
             params += [self.std_frame.weight, self.score_head.weight, self.score_head.bias]
         return params
 
-    def _norms(self) -> list:
-        layers = [self.conv1, self.conv2] + ([self.conv3, self.std1, self.std2] if self.with_scores else [])
-        return [layer.norm.norm for layer in layers]
+    def _vn_layers(self) -> list:
+        """The network's VNLinearLeakyReLU layers, in the kernel's order of batch norms."""
+        return [self.conv1, self.conv2] + ([self.conv3, self.std1, self.std2] if self.with_scores else [])
 
     def _running_buffers(self) -> list:
-        return [t for norm in self._norms() for t in (norm.running_mean, norm.running_var)]
+        return [t for layer in self._vn_layers() for t in (layer.norm.norm.running_mean, layer.norm.norm.running_var)]
 
-    def _whole_network_serves(self, points: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-        """Whether the whole-network kernel runs this call: its kernel serves ``points``, no
-        gradient is asked of the input, every parameter has the input's dtype, and the layers share
-        the one slope, batch-norm eps and momentum that the kernel takes."""
+    def _whole_network_serves(self, points: torch.Tensor, mask: Optional[torch.Tensor]):
+        """The ``(slope, batch-norm eps, momentum)`` the whole-network kernel runs this call with,
+        or None where it does not serve it. It serves when its kernel serves ``points``, no gradient
+        is asked of the input, every parameter has the input's dtype, and the layers share the one
+        slope, eps and momentum that the kernel takes."""
         if _whole_network_op(points) is None or points.requires_grad or points.dim() != 4 or points.numel() == 0:
-            return False
+            return None
         if torch._C._are_functorch_transforms_active():  # vmap and friends: the layers compose
-            return False
+            return None
         if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in self.modules() if m is not self):  # hooks on the layers must see them run
-            return False
+            return None
         if mask is not None and mask.dtype != torch.bool:
-            return False
+            return None
         if any(p.dtype != points.dtype or p.device != points.device for p in self._whole_network_params()):
-            return False
-        norms = self._norms()
-        layers = [self.conv1, self.conv2] + ([self.conv3, self.std1, self.std2] if self.with_scores else [])
-        settings = {(norm.eps, norm.momentum) for norm in norms}
-        slopes = {layer.negative_slope for layer in layers}
-        if len(settings) != 1 or len(slopes) != 1 or any(n.momentum is None for n in norms):
-            return False
-        (self._norm_eps, self._momentum), (self._slope,) = settings.pop(), slopes
-        return True
+            return None
+        settings = {(layer.negative_slope, layer.norm.norm.eps, layer.norm.norm.momentum) for layer in self._vn_layers()}
+        if len(settings) != 1:
+            return None
+        slope, eps, momentum = settings.pop()
+        return None if momentum is None else (slope, eps, momentum)
 
     def _edge_conv(self, v, mask, conv, pool):
         neighbours = knn_neighbours(v, self.neighbours, mask)
@@ -761,10 +760,11 @@ class VNDGCNN(nn.Module):
         return _mask_vectors(pool(conv(features, valid), dim=2, valid=valid), mask)
 
     def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        if self._whole_network_serves(points, mask):
+        settings = self._whole_network_serves(points, mask)
+        if settings:
             keeps = [_dropout_keep(points.shape[:2] + (1, self.conv1.linear.out_features), self.dropout, points)
                      if self.training and self.dropout > 0 else points.new_empty((0,)) for _ in range(2)]
-            frame, scores = _WholeNetwork.apply(self, points, mask, keeps, *self._whole_network_params())
+            frame, scores = _WholeNetwork.apply(self, settings, points, mask, keeps, *self._whole_network_params())
             return frame, scores if self.with_scores else None
         x1 = self._edge_conv(points, mask, self.conv1, self.pool1)  # [N, n, 3, C]
         x2 = self._edge_conv(_vector_dropout(x1, self.dropout, self.training), mask, self.conv2, self.pool2)

@@ -36,12 +36,10 @@ def _randomise_running_stats(net):
             module.running_var.uniform_(0.5, 2.0, generator=gen)
 
 
-def _run(net, x, mask, backend):
-    """Outputs, input gradient, parameter gradients and buffers after one forward + backward."""
-    net = copy.deepcopy(net)
+def _forward_backward(net, x, mask, backend):
+    """Outputs, parameter gradients and buffers of ``net`` after one forward + backward."""
     gen = torch.Generator().manual_seed(1)
     with lps_fast.use_backend(backend):
-        x = x.clone().requires_grad_(True)
         frame, scores = net(x, mask)
         loss = (frame * torch.randn(frame.shape, generator=gen, dtype=frame.dtype)).sum()
         if scores is not None:
@@ -49,6 +47,13 @@ def _run(net, x, mask, backend):
         loss.backward()
     grads = {name: p.grad for name, p in net.named_parameters()}
     buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return frame, scores, grads, buffers
+
+
+def _run(net, x, mask, backend):
+    """Outputs, input gradient, parameter gradients and buffers after one forward + backward."""
+    x = x.clone().requires_grad_(True)
+    frame, scores, grads, buffers = _forward_backward(copy.deepcopy(net), x, mask, backend)
     return frame, scores, x.grad, grads, buffers
 
 
@@ -96,17 +101,8 @@ def _run_on_data(net, x, mask, backend=None, whole_network=True, seed=5):
     net = copy.deepcopy(net)
     if not whole_network:
         net._whole_network_serves = lambda *args: False
-    gen = torch.Generator().manual_seed(1)
     torch.manual_seed(seed)
-    with lps_fast.use_backend(backend):
-        frame, scores = net(x, mask)
-        loss = (frame * torch.randn(frame.shape, generator=gen, dtype=frame.dtype)).sum()
-        if scores is not None:
-            loss = loss + (scores * torch.randn(scores.shape, generator=gen, dtype=scores.dtype)).sum()
-        loss.backward()
-    grads = {name: p.grad for name, p in net.named_parameters()}
-    buffers = {name: b.clone() for name, b in net.named_buffers()}
-    return frame, scores, grads, buffers
+    return _forward_backward(net, x, mask, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
