@@ -46,6 +46,7 @@ import torch
 import torch._functorch.config  # not imported by `import torch` alone (run_cases sets an option)
 
 import lps_fast
+from lps_fast import allocator
 from lps_fast import _backend
 
 try:
@@ -218,21 +219,11 @@ def load_average() -> Optional[Tuple[float, float, float]]:
         return None
 
 
-_MALLOC_STATE = {"setting": "default"}
-
-
 def keep_freed_memory() -> str:
-    """Make glibc malloc keep freed memory (no mmap for large blocks, no trimming of the heap).
-
-    By default every block above glibc's mmap threshold (at most 32 MB), and any freed memory
-    above the trim threshold, goes back to the kernel, so the next allocation of that size pays a
-    page fault per 4 KB page; on a virtual machine that costs about 0.6 ms per MB, and whether
-    an op pays it depends on what ran before it in the process. Keeping freed memory (as
-    jemalloc, tcmalloc or torch's CUDA caching allocator do) times the ops instead of the page
-    faults. Returns a description for the result rows.
-    """
-    if _MALLOC_STATE["setting"] != "default":
-        return _MALLOC_STATE["setting"]
+    """Make glibc malloc keep freed memory (``lps_fast.allocator``): the benchmarks time the ops,
+    not the page faults of fresh output buffers, whatever ran before them in the process.
+    Returns a description for the result rows."""
+    return allocator.keep_freed_memory(honour_environment=False)
     import ctypes
     import ctypes.util
 
@@ -271,7 +262,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "cpu_extension": info["cpu_extension"]["loaded"],
         "cuda_extension": info["cuda_extension"]["loaded"],
         "load_avg": load_average(),
-        "malloc": _MALLOC_STATE["setting"],
+        "malloc": allocator.setting(),
     }
 
 

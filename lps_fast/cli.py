@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 EXIT_USAGE = 2
+# commands that train or evaluate models in this process: glibc malloc keeps freed memory there
+# (lps_fast.allocator; LPS_FAST_KEEP_FREED_MEMORY=0 leaves glibc's defaults)
+TRAINING_COMMANDS = ("main", "train", "compare", "eval", "results")
 
 
 class CommandError(Exception):
@@ -555,6 +558,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in TRAINING_COMMANDS:
+        from lps_fast import allocator
+
+        allocator.keep_freed_memory()  # this process's own: steps stop faulting in fresh pages
     try:
         if args.command == "bench":
             return _bench(args, extra)

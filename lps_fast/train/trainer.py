@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import lps_fast
+from lps_fast import allocator
 from lps_fast import groups as group_lib
 
 from . import distributed
@@ -475,6 +476,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
         "seed": config.seed, "paper": recipe.paper, "preset": config.preset, "select": config.select,
         "test_samples": config.test_samples or config.eval_samples, "test_trials": config.test_trials or 1,
         "dist_network": config.dist_network if config.distribution in ("learned", "canonical") else None,
+        "malloc": allocator.setting(),
     }
 
     if not recipe.trained:
