@@ -6,11 +6,13 @@
     python benchmarks/run_all.py --quick                 # a smoke test of every script
     python benchmarks/run_all.py --families step         # only the end-to-end training step
     python benchmarks/run_all.py --families vn           # only the learned distribution's network
+    python benchmarks/run_all.py --families vn_matmul    # only that network's matrix products
 
 Every other option is passed to each op family's ``bench_<family>.py`` (see ``--help`` of any of
-them); the training-step benchmark (``step``, ``bench_step.py``) and the distribution network's
-(``vn``, ``bench_vn.py``), both CPU only and run last, take ``--quick`` and ``--threads`` (the step
-also ``--raw-malloc``) from them and their own defaults otherwise. Results
+them); the training-step benchmark (``step``, ``bench_step.py``), the distribution network's
+(``vn``, ``bench_vn.py``) and its matrix products' (``vn_matmul``, ``bench_vn_matmul.py``), all CPU
+only and run last, take ``--quick`` and ``--threads`` (the step also ``--raw-malloc``) from them and
+their own defaults otherwise. Results
 are appended to ``benchmarks/results/<family>.jsonl``; ``benchmarks/report.py`` turns them into the
 tables of BENCHMARKS.md and ``benchmarks/plot.py`` into charts.
 """
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 try:
-    from . import bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, bench_step, bench_vn, harness, summary
+    from . import (bench_frame, bench_gram_schmidt, bench_permute, bench_sinkhorn, bench_step, bench_vn,
+                   bench_vn_matmul, harness, summary)
 except ImportError:  # run as a script
     import bench_frame
     import bench_gram_schmidt
@@ -32,6 +35,7 @@ except ImportError:  # run as a script
     import bench_sinkhorn
     import bench_step
     import bench_vn
+    import bench_vn_matmul
     import harness
     import summary
 
@@ -43,11 +47,12 @@ FAMILIES = {
 }
 STEP = "step"
 VN = "vn"
+VN_MATMUL = "vn_matmul"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    names = list(FAMILIES) + [STEP, VN]
+    names = list(FAMILIES) + [STEP, VN, VN_MATMUL]
     parser.add_argument("--families", default=",".join(names), help="comma list of " + ", ".join(names))
     parser.add_argument("--results", default=None,
                         help="folder for the <family>.jsonl files (default benchmarks/results; none with --quick)")
@@ -104,6 +109,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         rows += bench_vn.main(vn_args)
     elif VN in families:
         print(f"vn: the fused VN layers run on the CPU only; skipped for --device {known.device}")
+    if VN_MATMUL in families and known.device == "cpu":
+        matmul_args = ["--quick"] if known.quick else []
+        matmul_args += [] if known.threads is None else ["--threads", str(known.threads)]
+        matmul_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_vn_matmul.FAMILY}.jsonl")]
+        rows += bench_vn_matmul.main(matmul_args)
+    elif VN_MATMUL in families:
+        print(f"vn_matmul: the kernel runs on the CPU only; skipped for --device {known.device}")
     return rows
 
 

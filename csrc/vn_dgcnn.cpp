@@ -2,8 +2,8 @@
 // backward, each one call from Python. Layer by layer the network is about forty PyTorch ops
 // forward and more backward, each with its Python, dispatch and autograd bookkeeping; at the
 // n-body size (400 samples of 5 particles) that glue cost as much as the layers' kernels. Here the
-// same steps run in C++: the kernels of vn_layer and vn_score_head, matrix products and a few
-// ATen ops, with the values each backward step needs kept from the forward.
+// same steps run in C++: the kernels of vn_layer, vn_score_head and vn_matmul (the layers' matrix
+// products), a few ATen ops, with the values each backward step needs kept from the forward.
 //
 // Every step mirrors the layer-by-layer module (nn.py) op for op, so that the two agree to
 // rounding: the kNN graph, the weight stacking of the edge convolutions, the running-statistics
@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/small_matmul_cpu.h"
 #include "cpu/vn_layer_cpu.h"
 #include "cpu/vn_score_head_cpu.h"
 
@@ -127,7 +128,7 @@ at::Tensor edge_forward(const at::Tensor& v, const at::Tensor& mask, const at::T
   const at::Tensor wd_node = wd.narrow(1, 0, channels), wd_centre = wd.narrow(1, channels, channels);
   // linear([v_j - v_i, v_i]) = W1 v_j + (W2 - W1) v_i: the four maps as one contiguous (in, out) matrix
   saved.stacked = at::cat({w_node.t(), (w_centre - w_node).t(), wd_node.t(), (wd_centre - wd_node).t()}, 1);
-  saved.maps = at::matmul(v, saved.stacked);
+  saved.maps = cpu::small_matmul(v, saved.stacked);
   const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
   const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
   auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[2], parts[1], parts[3], saved.neighbours, pool,
@@ -143,7 +144,7 @@ at::Tensor edge_forward(const at::Tensor& v, const at::Tensor& mask, const at::T
 std::vector<at::Tensor> edge_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& mask,
                                       const at::Tensor* params, const Settings& s, const EdgeSaved& saved,
                                       bool input_grad) {
-  const int64_t channels = v.size(-1), out = params[0].size(0), directions = params[1].size(0);
+  const int64_t out = params[0].size(0), directions = params[1].size(0);
   const auto parts = saved.maps.split_with_sizes({out, out, directions, directions}, -1);
   // the kernel writes the four gradients into the column blocks of one buffer, the layout of maps
   const at::Tensor g_maps = at::empty(saved.maps.sizes(), saved.maps.options());
@@ -151,12 +152,12 @@ std::vector<at::Tensor> edge_backward(const at::Tensor& grad, const at::Tensor& 
       cpu::vn_layer_backward(grad.contiguous(), parts[0], parts[2], parts[1], parts[3], saved.neighbours,
                              saved.selected, opt(mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope,
                              g_maps);
-  const at::Tensor g_stacked = v.reshape({-1, channels}).t().mm(g_maps.reshape({-1, g_maps.size(-1)}));
+  const at::Tensor g_stacked = cpu::small_matmul_tn(v, g_maps);
   const auto blocks = g_stacked.split_with_sizes({out, out, directions, directions}, 1);
   // stacked = [W1^T, (W2 - W1)^T, D1^T, (D2 - D1)^T]
   at::Tensor g_w = at::cat({(blocks[0] - blocks[1]).t(), blocks[1].t()}, 1);
   at::Tensor g_wd = at::cat({(blocks[2] - blocks[3]).t(), blocks[3].t()}, 1);
-  at::Tensor g_v = input_grad ? at::matmul(g_maps, saved.stacked.t()) : at::Tensor();
+  at::Tensor g_v = input_grad ? cpu::small_matmul(g_maps, saved.stacked.t()) : at::Tensor();
   return {g_v, g_w, g_wd, g_gamma, g_beta};
 }
 
@@ -173,7 +174,7 @@ at::Tensor node_forward(const at::Tensor& v, const at::Tensor& flat_mask, const 
   const int64_t out = w.size(0), directions = wd.size(0);
   const at::Tensor rows = v.reshape({-1, 1, 3, v.size(-1)});
   saved.stacked = at::cat({w.t(), wd.t()}, 1);
-  saved.maps = at::matmul(rows, saved.stacked);
+  saved.maps = cpu::small_matmul(rows, saved.stacked);
   const auto parts = saved.maps.split_with_sizes({out, directions}, -1);
   const auto [rm, rv] = running_args(s, running_mean, running_var, v.scalar_type());
   auto [result, selected, stats] = cpu::vn_layer(parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt,
@@ -197,9 +198,9 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
   auto [gp, gd, gpc, gdc, g_gamma, g_beta] = cpu::vn_layer_backward(
       grad.reshape({-1, 1, 3, out}).contiguous(), parts[0], parts[1], c10::nullopt, c10::nullopt, c10::nullopt, empty,
       opt(flat_mask), params[2], params[3], saved.stats, s.training, s.eps, s.slope, g_maps);
-  const at::Tensor g_stacked = v.reshape({-1, v.size(-1)}).t().mm(g_maps.reshape({-1, out + directions}));
+  const at::Tensor g_stacked = cpu::small_matmul_tn(v, g_maps);
   at::Tensor g_w = g_stacked.narrow(1, 0, out).t(), g_wd = g_stacked.narrow(1, out, directions).t();
-  at::Tensor g_v = at::matmul(g_maps, saved.stacked.t()).reshape(v.sizes());
+  at::Tensor g_v = cpu::small_matmul(g_maps, saved.stacked.t()).reshape(v.sizes());
   return {g_v, g_w.contiguous(), g_wd.contiguous(), g_gamma, g_beta};
 }
 

@@ -64,6 +64,10 @@ NETWORK_SCHEMAS: Dict[str, str] = {
     "vn_layer_backward": "(Tensor grad, Tensor p, Tensor d, Tensor? p_centre, Tensor? d_centre, Tensor? neighbours, "
                          "Tensor selected, Tensor? mask, Tensor weight, Tensor bias, Tensor stats, bool training, "
                          "float eps, float slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # x (..., K) @ w (K, M), the vector-neuron layers' stacked maps (csrc/vn_matmul.cpp), and the
+    # gradients: x's (empty unless input_grad) and w's
+    "vn_matmul": "(Tensor x, Tensor w) -> Tensor",
+    "vn_matmul_backward": "(Tensor grad, Tensor x, Tensor w, bool input_grad) -> (Tensor, Tensor)",
     # the DGCNN's invariant per-node scores (lps_fast.nn.VNDGCNN): frame coordinates, max-pool, head
     "vn_score_head": "(Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight, Tensor bias) -> Tensor",
     "vn_score_head_backward": "(Tensor grad, Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight) "
@@ -182,6 +186,14 @@ def fake_gram_schmidt(V, proper=False):
 
 def fake_gram_schmidt_backward(grad, V, proper):
     return V.new_empty(V.shape)
+
+
+def fake_vn_matmul(x, w):
+    return x.new_empty((*x.shape[:-1], w.shape[1]))
+
+
+def fake_vn_matmul_backward(grad, x, w, input_grad):
+    return x.new_empty(x.shape if input_grad else (0,)), w.new_empty(w.shape)
 
 
 def fake_vn_layer(p, d, p_centre, d_centre, neighbours, pool, mask, weight, bias, running_mean, running_var, eps,
@@ -639,6 +651,7 @@ def define_compiled_ops() -> None:
     register_autograd(OpSet(""))
     register_vn_layer_autograd(lib=_library)
     register_vn_score_head_autograd(_library)
+    register_vn_matmul_autograd(_library)
 
 
 def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:
@@ -684,6 +697,24 @@ def register_vn_score_head_autograd(lib: torch.library.Library) -> None:
 
     torch.library.register_autograd(qualified("vn_score_head"), _without_autocast(backward), setup_context=setup,
                                     lib=lib)
+
+
+def register_vn_matmul_autograd(lib: torch.library.Library) -> None:
+    """Gradients of ``vn_matmul`` w.r.t. x (where asked) and w, by ``vn_matmul_backward``."""
+    backward_op = getattr(torch.ops, NAMESPACE).vn_matmul_backward
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        needs_x, needs_w = ctx.needs_input_grad
+        if not (needs_x or needs_w):
+            return None, None
+        grad_x, grad_w = backward_op(grad, x, w, needs_x)
+        return (grad_x if needs_x else None), (grad_w if needs_w else None)
+
+    torch.library.register_autograd(qualified("vn_matmul"), _without_autocast(backward), setup_context=setup, lib=lib)
 
 
 def register_missing_cuda_kernels(reason: str) -> None:

@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("families", nargs="*", metavar="FAMILY", help="op families (default all): permute, frame, "
                                                                      "sinkhorn, gram_schmidt; step: one training "
                                                                      "step of each task's model; vn: the learned "
-                                                                     "distribution's vector-neuron network")
+                                                                     "distribution's vector-neuron network; "
+                                                                     "vn_matmul: that network's matrix products")
     bench.add_argument("--quick", action="store_true", help="a fast smoke run of every benchmark")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="device to time on (default cpu)")
     bench.set_defaults(run=_bench)

@@ -390,7 +390,8 @@ def _vn_kernels() -> dict:
             return getattr(namespace, name) if registered else None
 
         _fused_vn_kernels = {"cpp": on_cpu("vn_layer"), "triton": getattr(namespace, "vn_layer_triton", None),
-                             "score_head": on_cpu("vn_score_head"), "network": on_cpu("vn_dgcnn")}
+                             "score_head": on_cpu("vn_score_head"), "network": on_cpu("vn_dgcnn"),
+                             "matmul": on_cpu("vn_matmul")}
     return _fused_vn_kernels
 
 
@@ -410,6 +411,14 @@ def _fused_vn_op(t: torch.Tensor):
     if forced in ((None, "triton") if device == "cuda" else ("triton",)) and _backend._serves("triton", device):
         return kernels["triton"]
     return None
+
+
+def _stacked_maps(v: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``v (..., K) @ stacked (K, M)``: the fused layers' linear maps side by side. On CPU the
+    compiled ``vn_matmul`` (the kernel the whole-network op runs too, so both paths give the same
+    maps bit for bit, and pick the same kNN neighbours among ties); elsewhere ``torch.matmul``."""
+    matmul = _vn_kernels()["matmul"] if v.device.type == "cpu" else None
+    return torch.matmul(v, stacked) if matmul is None else matmul(v, stacked)
 
 
 def fused_vn_available(t: torch.Tensor) -> bool:
@@ -482,7 +491,7 @@ class VNLinearLeakyReLU(nn.Module):
             rows = v.reshape(-1, 1, *v.shape[-2:])
             flat_mask = None if mask is None else _broadcast_mask(mask, v.shape[:-1])[..., 0].reshape(-1, 1).bool()
             # weights as one contiguous (in, out) matrix: see VNDGCNN._edge_conv
-            both = torch.matmul(rows, torch.cat([self.linear.weight.t(), self.direction.weight.t()], dim=1))
+            both = _stacked_maps(rows, torch.cat([self.linear.weight.t(), self.direction.weight.t()], dim=1))
             p, d = both.split([self.linear.out_features, self.direction.out_features], dim=-1)
             out = vn_layer(p, d, self.norm.norm, flat_mask, self.negative_slope)
             return out.reshape(*leading, *out.shape[-2:])
@@ -751,7 +760,7 @@ class VNDGCNN(nn.Module):
             # runs up to 6x slower than v^T @ grad at these shapes (in = 2: 0.6 against 0.1 ms).
             stacked = torch.cat([w[:, :channels].t(), (w[:, channels:] - w[:, :channels]).t(),
                                  wd[:, :channels].t(), (wd[:, channels:] - wd[:, :channels]).t()], dim=1)
-            p, p_centre, d, d_centre = torch.matmul(v, stacked).split(
+            p, p_centre, d, d_centre = _stacked_maps(v, stacked).split(
                 [out_channels, out_channels, wd.shape[0], wd.shape[0]], dim=-1)
             return vn_layer(p, d, conv.norm.norm, mask, conv.negative_slope, p_centre, d_centre, neighbours,
                             pool.direction.weight)

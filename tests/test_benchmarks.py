@@ -261,3 +261,18 @@ def test_vn_network_benchmark_quick(tmp_path):
     out.write_text("".join(json.dumps({**r, "quick": False}) + "\n" for r in rows))
     rendered = report.render_vn(tmp_path)
     assert "| tiny | full |" in rendered and "fused vs composed" in rendered
+
+
+def test_vn_matmul_benchmark_quick(tmp_path):
+    """bench_vn_matmul --quick: vn_matmul and its eager peer past the float64 gate and timed."""
+    import bench_vn_matmul
+
+    out = tmp_path / "vn_matmul.jsonl"
+    rows = bench_vn_matmul.main(["--quick", "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("torch", "vn_matmul")
+                                                          for m in bench_vn_matmul.MODES}
+    for row in rows:
+        assert row["status"] == "ok" and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert harness.exit_status(rows) == 0
+    assert "vs best peer" in bench_vn_matmul.format_table(rows, markdown=True)

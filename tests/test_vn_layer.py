@@ -614,3 +614,129 @@ def test_triton_vn_layer_opcheck():
         ("test_aot_dispatch_dynamic",) if ON_GPU else ())
     torch.library.opcheck(torch.ops.lps_fast.vn_layer_triton.default,
                           (p, d, pc, dc, neighbours, pool, mask, weight, bias, None, None, 1e-5, 0.2), test_utils=utils)
+
+
+# ---- vn_matmul: the layers' stacked maps ---------------------------------------------------------
+
+def _matmul_cases(dtype):
+    """(x, w): the network's shapes, tails of every width, column panels past one (> 48 float
+    columns), one column, one inner dim, row counts off the row tiles, and x as a column block of a
+    wider buffer or a transposed matrix (no uniform row stride: copied)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    cases = [(rand(400, 5, 3, 21), rand(21, 84)), (rand(2000, 1, 3, 42), rand(42, 22)), (rand(6000, 2), rand(2, 84)),
+             (rand(37, 3), rand(3, 10)), (rand(13, 84), rand(84, 21)), (rand(9, 17), rand(17, 97)),
+             (rand(5, 8), rand(8, 200)), (rand(3, 1), rand(1, 1)), (rand(11, 5), rand(5, 1))]
+    wide = rand(40, 5, 3, 42)
+    cases.append((wide[..., :21], rand(21, 84)))  # the first edge convolution's half of [x1, x2]
+    cases.append((wide[..., 21:], rand(21, 30)))
+    cases.append((rand(21, 50).t(), rand(21, 33)))
+    return cases
+
+
+def _assert_as_accurate_as_torch(got, torch_result, exact, what):
+    """``got`` against the float64 product ``exact``: in float32 within 4x torch.matmul's own
+    error (sums of hundreds or thousands of terms round differently in any two summation orders:
+    up to 3x apart here) and 1e-5 of the largest entry; in float64 within 1e-12 of it."""
+    if got.numel() == 0:
+        return
+    error = (got.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    if got.dtype == torch.float64:
+        assert error <= 1e-12 * scale, f"{what}: error {error:.3g} at scale {scale:.3g}"
+        return
+    torch_error = (torch_result.double() - exact).abs().max().item()
+    assert error <= max(4 * torch_error, 1e-7 * scale), f"{what}: error {error:.3g}, torch.matmul's {torch_error:.3g}"
+    assert error <= 1e-5 * scale, f"{what}: error {error:.3g} at scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vn_matmul_matches_torch_matmul_forward_and_backward(dtype):
+    for x, w in _matmul_cases(dtype):
+        what = f"x {tuple(x.shape)} strides {x.stride()} @ w {tuple(w.shape)}"
+        x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        out = torch.ops.lps_fast.vn_matmul(x, w)
+        expected_x, expected_w = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        expected = torch.matmul(expected_x, expected_w)
+        assert out.shape == expected.shape and out.is_contiguous(), what
+        x64, w64 = x.detach().double(), w.detach().double()
+        _assert_as_accurate_as_torch(out, expected, x64 @ w64, what)
+        grad = torch.randn_like(expected)
+        out.backward(grad)
+        expected.backward(grad)
+        _assert_as_accurate_as_torch(x.grad, expected_x.grad, grad.double() @ w64.t(), f"d/dx {what}")
+        exact_w = x64.reshape(-1, w.shape[0]).t() @ grad.double().reshape(-1, w.shape[1])
+        _assert_as_accurate_as_torch(w.grad, expected_w.grad, exact_w, f"d/dw {what}")
+        # only the weight's gradient: x's is not computed
+        grad_x, grad_w = torch.ops.lps_fast.vn_matmul_backward(grad, x.detach(), w.detach(), False)
+        assert grad_x.numel() == 0
+        assert torch.equal(grad_w, w.grad)
+
+
+def test_vn_matmul_of_empty_operands():
+    for rows, inner, columns in [(0, 4, 5), (6, 0, 3), (6, 4, 0)]:
+        x, w = torch.randn(rows, inner), torch.randn(inner, columns)
+        torch.testing.assert_close(torch.ops.lps_fast.vn_matmul(x, w), x @ w)
+        grad_x, grad_w = torch.ops.lps_fast.vn_matmul_backward(torch.randn(rows, columns), x, w, True)
+        assert grad_x.shape == x.shape and grad_w.shape == w.shape
+        torch.testing.assert_close(grad_w, torch.zeros(inner, columns) if rows == 0 else grad_w)
+
+
+def test_vn_matmul_does_not_depend_on_the_thread_count():
+    """Each output element is summed by one thread in row order."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(6000, 21, generator=gen), torch.randn(21, 84, generator=gen)
+    grad = torch.randn(6000, 84, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append((torch.ops.lps_fast.vn_matmul(x, w), *torch.ops.lps_fast.vn_matmul_backward(grad, x, w, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_vn_matmul_opcheck():
+    x, w = torch.randn(40, 5, 3, 21, dtype=torch.float64), torch.randn(21, 30, dtype=torch.float64)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lps_fast.vn_matmul.default, (x, w), test_utils=checks)
+    torch.library.opcheck(torch.ops.lps_fast.vn_matmul_backward.default,
+                          (torch.randn(40, 5, 3, 30, dtype=torch.float64), x, w, True), test_utils=checks[::2])
+    assert torch.autograd.gradcheck(torch.ops.lps_fast.vn_matmul,
+                                    (torch.randn(7, 3, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(3, 5, dtype=torch.float64, requires_grad=True)))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.randn(5, 3), torch.randn(4, 2)), ValueError, r"w must have shape \(K, M\) with K = x.shape\[-1\] = 3"),
+    ((torch.randn(5, 3), torch.randn(3, 2, dtype=torch.float64)), TypeError, "w must have the dtype of x"),
+    ((torch.randn(5, 3).half(), torch.randn(3, 2).half()), TypeError, "x must be float32 or float64"),
+    ((torch.randn(5, 3), torch.randn(3)), ValueError, r"w must have shape \(K, M\)"),
+])
+def test_vn_matmul_refuses_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.lps_fast.vn_matmul(*args)
+
+
+def test_vn_matmul_backward_refuses_a_gradient_of_another_shape():
+    x, w = torch.randn(5, 3), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="grad must have the shape of the output"):
+        torch.ops.lps_fast.vn_matmul_backward(torch.randn(5, 3), x, w, True)
+
+
+def test_the_layers_run_their_maps_through_vn_matmul(monkeypatch):
+    """Layer by layer, the fused CPU layers and edge convolutions use vn_matmul, as the
+    whole-network op does: the same maps bit for bit on both paths."""
+    calls = []
+    kernel = torch.ops.lps_fast.vn_matmul
+    monkeypatch.setitem(lps_fast.nn._vn_kernels(), "matmul", lambda *args: calls.append(args[1].shape) or kernel(*args))
+    net = VNDGCNN(2, hidden=24, dropout=0.0)
+    x, mask = _padded_points(torch.float32, masked=True)
+    net(x.requires_grad_(True), mask)  # an input gradient: layer by layer
+    assert len(calls) == 5  # conv1, conv2 (four maps each), conv3, std1, std2

@@ -40,6 +40,7 @@ struct Vector512<float> {
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_ps(m, a, b); }
   static Vec div(Vec a, float b) { return _mm512_div_ps(a, _mm512_set1_ps(b)); }
   static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec broadcast(float x) { return _mm512_set1_ps(x); }
   static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_ps(m, v); }
   // the sum of all lanes, by butterflies of two-table permutes (gcc 12 warns on the reduce
   // intrinsics, whose shuffles pass an undefined vector)
@@ -79,6 +80,7 @@ struct Vector512<double> {
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_pd(m, a, b); }
   static Vec div(Vec a, double b) { return _mm512_div_pd(a, _mm512_set1_pd(b)); }
   static Vec zero() { return _mm512_setzero_pd(); }
+  static Vec broadcast(double x) { return _mm512_set1_pd(x); }
   static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_pd(m, v); }
   static double sum(Vec v) {
     for (int step = 4; step >= 1; step /= 2) {
