@@ -494,7 +494,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
       grads[19 + i] = std2_grads[i];
       grads[15 + i] = std1_grads[i];
     }
-    g_x = g_x + std1_grads[0];
+    g_x.add_(std1_grads[0]);  // the score head's gradient is this op's own: summed in place
     // x = [x3, mean of x3 over the real nodes], C channels each
     at::Tensor g_x3 = g_x.narrow(-1, 0, C);
     const at::Tensor g_context = g_x.narrow(-1, C, C).sum(1);  // [N, 3, C]
@@ -506,13 +506,13 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
     }
     auto conv3_grads = node_backward(g_x3, x12, flat_mask, &params[12], s, conv3);
     for (int i = 1; i < 5; ++i) grads[11 + i] = conv3_grads[i];
-    g_x12 = g_x12 + conv3_grads[0];
-    g_x1 = g_x1 + g_x12.narrow(-1, 0, C);
+    g_x12.add_(conv3_grads[0]);
+    g_x1.add_(g_x12.narrow(-1, 0, C));
     g_x2 = g_x12.narrow(-1, C, C);
     if (keep2.defined()) g_x2 = g_x2 * keep2;
     auto conv2_grads = edge_backward(g_x2, input2, mask, &params[5], s, conv2, /*input_grad=*/true);
     for (int i = 1; i < 5; ++i) grads[4 + i] = conv2_grads[i];
-    g_x1 = g_x1 + (keep1.defined() ? conv2_grads[0] * keep1 : conv2_grads[0]);
+    g_x1.add_(keep1.defined() ? conv2_grads[0].mul_(keep1) : conv2_grads[0]);  // a fresh product: scaled in place
   }
   auto conv1_grads = edge_backward(g_x1, points, mask, &params[0], s, conv1, /*input_grad=*/false);
   for (int i = 1; i < 5; ++i) grads[i - 1] = conv1_grads[i];
