@@ -27,6 +27,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("openmp") = false;
 #endif
+  // Whether the CPU kernels' AVX-512 paths are compiled in (-march=native on such a CPU); without
+  // them the vector-neuron layers' products fall back to BLAS (csrc/cpu/small_matmul_cpu.cpp).
+#if defined(__AVX512F__)
+  m.attr("avx512") = true;
+#else
+  m.attr("avx512") = false;
+#endif
   // The CUDA launchers' grid arithmetic, reachable from tests on any machine.
   m.def("grid_plan", [](int64_t total, int64_t extent, int threads, int multiprocessors) {
     const lps_fast::GridPlan plan = lps_fast::plan_grid(total, extent, threads, multiprocessors);

@@ -29,6 +29,7 @@ class ExtensionStatus:
         if self.module is not None:
             info["built_for_torch"] = getattr(self.module, "torch_version", None)
             info["openmp"] = getattr(self.module, "openmp", None)
+            info["avx512"] = getattr(self.module, "avx512", None)
             if getattr(self.module, "with_cuda", False):
                 info["cuda_runtime"] = self.module.cuda_runtime_version()
         return info

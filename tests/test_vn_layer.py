@@ -685,6 +685,8 @@ def test_vn_matmul_of_empty_operands():
         torch.testing.assert_close(grad_w, torch.zeros(inner, columns) if rows == 0 else grad_w)
 
 
+@pytest.mark.skipif(not lps_fast.backend_info()["cpu_extension"].get("avx512"),
+                    reason="built without AVX-512: BLAS runs the products, its thread split is its own")
 def test_vn_matmul_does_not_depend_on_the_thread_count():
     """Each output element is summed by one thread in row order."""
     gen = torch.Generator().manual_seed(1)

@@ -32,6 +32,7 @@ namespace lps_fast {
 namespace cpu {
 namespace {
 
+#if defined(__AVX512F__)
 // The rows of x (..., K) as a matrix with a uniform row stride and unit column stride, copying
 // only where its layout has no such stride.
 struct Rows {
@@ -61,7 +62,6 @@ Rows rows_of(const at::Tensor& x) {
   return rows;
 }
 
-#if defined(__AVX512F__)
 // Columns of a panel, in vectors: up to 18 accumulators (6 rows x 3 vectors). Wider tiles
 // (4 rows x 6 vectors) ran (6000, 21) @ (21, 84) 10% slower than two panels of 3 vectors.
 constexpr int kMaxVectors = 3;
@@ -210,19 +210,19 @@ struct TN {
     tn_panel<T, V>(A, lda, R, K, G, ldg, width, C, ldc);
   }
 };
-#endif
 
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = last;
   return shape;
 }
+#endif
 
 }  // namespace
 
 at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t K = w.size(0), M = w.size(1);
 #if defined(__AVX512F__)
+  const int64_t K = w.size(0), M = w.size(1);
   const Rows a = rows_of(x);
   at::Tensor out = at::empty(with_last(x, M), x.options());
   if (a.count == 0 || M == 0) return out;
