@@ -34,12 +34,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -333,10 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         overrides["preset"] = args.preset
     rounds = 3 if args.quick else max(3, args.rounds)
     budget = 0.0 if args.quick else args.budget
-    if args.out is None:
-        out = None if args.quick else harness.RESULTS_DIR / "step.jsonl"
-    else:
-        out = None if args.out.lower() == "none" else Path(args.out)
+    out = harness.results_path(args.out, args.quick, FAMILY)
     env = harness.environment(torch.device("cpu"))
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     if not args.quiet:
@@ -352,11 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                          "threads": env["threads"], "commit": env["commit"], "torch": env["torch"],
                          "malloc": env["malloc"], "quick": args.quick,
                          "load_avg_1min": (load or (None,))[0], "preset": args.preset, **row})
-    if out is not None and rows:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    harness.append_rows(rows, out)
     print(f"\nstep: medians in ms of one training step (forward, backward, optimizer), {env['threads']} thread(s); "
           f"'vs reference' = time(reference path) / time(this path); load average at the end {harness.load_average()}")
     print(format_table(rows))

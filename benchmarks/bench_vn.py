@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -190,10 +188,7 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
                         ratio("fused+compile", "composed+compile")])
     if markdown:
         return harness.summary.markdown(header, lines, textual=2)
-    widths = [max(len(str(v)) for v in column) for column in zip(header, *lines)]
-    text = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    text += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
-    return "\n".join(text)
+    return harness.summary.text(header, lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
@@ -236,15 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     print(f"\nvn: medians in ms of VNDGCNN, {env['threads']} thread(s); 'A vs B' = time(B) / time(A); "
           f"load average at the end {harness.load_average()}")
     print(format_table(rows))
-    if args.out is None:
-        out = None if args.quick else harness.RESULTS_DIR / f"{FAMILY}.jsonl"
-    else:
-        out = None if args.out.lower() == "none" else Path(args.out)
+    out = harness.results_path(args.out, args.quick, FAMILY)
+    harness.append_rows(rows, out)
     if out is not None and rows:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         print(f"rows appended to {out}")
     return rows
 

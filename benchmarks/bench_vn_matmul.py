@@ -23,11 +23,7 @@ float32 is timed, in alternating rounds, one thread.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -132,10 +128,7 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
                      + ["-", f"{best / total['vn_matmul']:.2f}x"])
     if markdown:
         return harness.summary.markdown(header, lines, textual=3)
-    widths = [max(len(str(v)) for v in column) for column in zip(header, *lines)]
-    text = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    text += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
-    return "\n".join(text)
+    return harness.summary.text(header, lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
@@ -165,24 +158,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     load = harness.load_average()
     rows = run(QUICK_CASES if args.quick else CASES, providers, MODES, 3 if args.quick else args.repeats,
                0.2 if args.quick else args.budget, args.seed, lambda message: print(message, flush=True))
-    run_id = f"{env['date']}-{os.getpid()}"
-    rows = [{"run_id": run_id, "family": FAMILY,
-             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
-             "machine": f"{env['host']} ({env['cpu']}, {env['cores']} cores)", "threads": env["threads"],
-             "commit": env["commit"], "torch": env["torch"], "malloc": env["malloc"], "quick": bool(args.quick),
-             "load_avg_1min": (load or (None,))[0], **row} for row in rows]
+    rows = harness.stamped(rows, env, FAMILY, args.quick, load)
     print(f"\nvn_matmul: medians in ms, {env['threads']} thread(s), float32; 'vs best peer' = time(fastest of "
           f"torch, torch+compile) / time(vn_matmul); load average at the end {harness.load_average()}")
     print(format_table(rows))
-    if args.out is None:
-        out = None if args.quick else harness.RESULTS_DIR / f"{FAMILY}.jsonl"
-    else:
-        out = None if args.out.lower() == "none" else Path(args.out)
+    out = harness.results_path(args.out, args.quick, FAMILY)
+    harness.append_rows(rows, out)
     if out is not None and rows:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         print(f"rows appended to {out}")
     return rows
 

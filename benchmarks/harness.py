@@ -266,6 +266,36 @@ def environment(device: torch.device) -> Dict[str, object]:
     }
 
 
+def results_path(out: Optional[str], quick: bool, family: str) -> Optional[Path]:
+    """The JSONL file a script's ``--out`` names: by default ``results/<family>.jsonl`` (none for a
+    ``--quick`` smoke run), ``none`` for no file."""
+    if out is None:
+        return None if quick else RESULTS_DIR / f"{family}.jsonl"
+    return None if out.lower() == "none" else Path(out)
+
+
+def append_rows(rows: Sequence[dict], out: Optional[Path]) -> None:
+    """Append ``rows`` to ``out`` as JSON lines (nothing without a file or rows)."""
+    if out is None or not rows:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def stamped(rows: Sequence[dict], env: Dict[str, object], family: str, quick: bool,
+            load: Optional[Tuple[float, float, float]], **extra) -> List[dict]:
+    """``rows`` with the run's identity and machine in front: run id, family, time, machine,
+    threads, commit, torch, malloc, quick, the load at the start and ``extra``."""
+    run_id = f"{env['date']}-{os.getpid()}"
+    return [{"run_id": run_id, "family": family,
+             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
+             "machine": f"{env['host']} ({env['cpu']}, {env['cores']} cores)", "threads": env["threads"],
+             "commit": env["commit"], "torch": env["torch"], "malloc": env["malloc"], "quick": bool(quick),
+             "load_avg_1min": (load or (None,))[0], **extra, **row} for row in rows]
+
+
 def format_environment(env: Dict[str, object], copy_gbps: Optional[float]) -> str:
     lines = [
         f"date {env['date']}  host {env['host']}  commit {env['commit']}",

@@ -185,8 +185,12 @@ def format_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "(no rows)"
     header, lines = table(rows)
-    textual = 3  # case, scale, mode are left-aligned
-    widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
+    return text(header, lines, textual=3)  # case, scale, mode are left-aligned
+
+
+def text(header: Sequence[str], lines: Sequence[Sequence[str]], textual: int = 0) -> str:
+    """A fixed-width text table: the first ``textual`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) if i < textual else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     out.append("  ".join("-" * w for w in widths))
     for line in lines:
