@@ -224,17 +224,6 @@ def keep_freed_memory() -> str:
     not the page faults of fresh output buffers, whatever ran before them in the process.
     Returns a description for the result rows."""
     return allocator.keep_freed_memory(honour_environment=False)
-    import ctypes
-    import ctypes.util
-
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    _MALLOC_STATE["setting"] = "glibc, freed memory kept" if ok else "default (mallopt unavailable)"
-    return _MALLOC_STATE["setting"]
 
 
 def environment(device: torch.device) -> Dict[str, object]:

@@ -25,6 +25,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 DEFAULT = "default"
 KEPT = "glibc, freed memory kept"
 UNAVAILABLE = "default (mallopt unavailable)"
+PARTIAL = "glibc, no mmap for large blocks (trim threshold unchanged)"
 DECLINED = f"default ({ENVIRONMENT_VARIABLE}=0)"
 
 _setting = DEFAULT
@@ -47,8 +48,9 @@ def keep_freed_memory(honour_environment: bool = True) -> str:
         return _setting
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        no_mmap = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        no_trim = no_mmap and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):
-        ok = False
-    _setting = KEPT if ok else UNAVAILABLE
+        no_mmap = no_trim = False
+    _setting = KEPT if no_trim else PARTIAL if no_mmap else UNAVAILABLE
     return _setting

@@ -15,7 +15,9 @@ import pytest
 from lps_fast import allocator
 from test_cli import TINY_NBODY
 
-GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+# glibc's own malloc serves the process (not jemalloc or tcmalloc preloaded in its place)
+GLIBC = (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+         and "malloc" not in os.environ.get("LD_PRELOAD", ""))
 
 # Faults of allocating, filling and freeing a 64 MB tensor, call after call: with glibc's
 # defaults the block is mmapped and unmapped each time (about 16384 pages faulted in again);
@@ -51,17 +53,17 @@ def test_kept_memory_stops_the_page_faults_of_a_reallocated_buffer():
     default = _run("leave")
     assert kept["setting"] == allocator.KEPT
     assert default["setting"] == allocator.DEFAULT
-    pages = 64 * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")
-    assert min(default["faults"]) > pages // 2  # glibc's defaults: every call faults its pages in again
-    assert max(kept["faults"][4:]) < pages // 20
+    # glibc's defaults: every call faults its pages in again (16384 of 4 KB; fewer, still many,
+    # where transparent huge pages back the block); kept: the later calls fault none, or nearly
+    assert min(default["faults"]) >= 16
+    assert max(kept["faults"][4:]) * 10 < min(default["faults"])
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 def test_the_environment_variable_opts_out():
     declined = _run("keep", env_value="0")
     assert declined["setting"] == allocator.DECLINED
-    pages = 64 * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")
-    assert min(declined["faults"]) > pages // 2
+    assert min(declined["faults"]) >= 16
     assert _run("keep", env_value="1")["setting"] == allocator.KEPT
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lps_fast import allocator
 from lps_fast.data import IGNORE_INDEX, DenseBatch
 from lps_fast.train import TrainConfig, evaluate_checkpoint, resolve, train
 from lps_fast.train import compare as compare_lib
@@ -187,7 +188,8 @@ def test_concurrent_compare_runs_each_distribution_in_its_own_process(tmp_path, 
     assert [row["distribution"] for row in rows] == ["learned", "uniform"]
     for row in rows:
         assert row["steps"] >= 1 and math.isfinite(row["test"])
-        assert (tmp_path / "par" / row["distribution"] / "metrics.json").is_file()
+        metrics = json.loads((tmp_path / "par" / row["distribution"] / "metrics.json").read_text())
+        assert metrics["malloc"] == allocator.setting()  # each child keeps freed memory as this process does
 
 
 def test_main_job_reports_the_three_models_and_the_speed(tmp_path, monkeypatch, capsys):

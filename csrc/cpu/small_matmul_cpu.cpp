@@ -244,6 +244,11 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor small_matmul_tn(const at::Tensor& x, const at::Tensor& g) {
   const int64_t K = x.size(-1), M = g.size(-1);
+  int64_t rows_x = 1, rows_g = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows_x *= x.size(d);
+  for (int64_t d = 0; d + 1 < g.dim(); ++d) rows_g *= g.size(d);
+  TORCH_CHECK_VALUE(rows_x == rows_g, "small_matmul_tn: x and g must have as many rows, got ", rows_x, " and ",
+                    rows_g);
 #if defined(__AVX512F__)
   const Rows a = rows_of(x), b = rows_of(g);
   at::Tensor out = at::empty({K, M}, x.options());
@@ -259,7 +264,7 @@ at::Tensor small_matmul_tn(const at::Tensor& x, const at::Tensor& g) {
   });
   return out;
 #else
-  return at::mm(x.reshape({-1, K}).t(), g.reshape({-1, M}));
+  return at::mm(x.reshape({rows_x, K}).t(), g.reshape({rows_x, M}));
 #endif
 }
 

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from lps_fast import allocator
+
 from .config import TrainConfig, format_duration
 from .distributed import world_size_from_env
 from .plot import read_log
@@ -119,7 +121,9 @@ def compare(base: TrainConfig, distributions: Sequence[str], out=None,
     return rows
 
 
-def _train_child(config: Dict[str, Any]) -> None:
+def _train_child(config: Dict[str, Any], keep_freed_memory: bool = False) -> None:
+    if keep_freed_memory:  # as the parent process does (a spawned child starts with glibc's defaults)
+        allocator.keep_freed_memory()
     train(TrainConfig.from_dict(config))
 
 
@@ -138,7 +142,8 @@ def _train_concurrently(configs: Sequence[TrainConfig], status_every: float) -> 
     processes = []
     for config in configs:
         child = config.replace(quiet=True)
-        process = context.Process(target=_train_child, args=(child.to_dict(),), name=config.distribution)
+        process = context.Process(target=_train_child, args=(child.to_dict(), allocator.setting() == allocator.KEPT),
+                                  name=config.distribution)
         process.start()
         processes.append(process)
     start = time.perf_counter()
