@@ -711,6 +711,10 @@ def register_vn_matmul_autograd(lib: torch.library.Library) -> None:
         needs_x, needs_w = ctx.needs_input_grad
         if not (needs_x or needs_w):
             return None, None
+        if torch.is_grad_enabled():  # a double backward (create_graph): differentiable products
+            rows = x.reshape(-1, w.shape[0])
+            return ((grad @ w.t() if needs_x else None),
+                    (rows.t() @ grad.reshape(rows.shape[0], w.shape[1]) if needs_w else None))
         grad_x, grad_w = backward_op(grad, x, w, needs_x)
         return (grad_x if needs_x else None), (grad_w if needs_w else None)
 

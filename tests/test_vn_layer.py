@@ -709,9 +709,10 @@ def test_vn_matmul_opcheck():
     torch.library.opcheck(torch.ops.lps_fast.vn_matmul.default, (x, w), test_utils=checks)
     torch.library.opcheck(torch.ops.lps_fast.vn_matmul_backward.default,
                           (torch.randn(40, 5, 3, 30, dtype=torch.float64), x, w, True), test_utils=checks[::2])
-    assert torch.autograd.gradcheck(torch.ops.lps_fast.vn_matmul,
-                                    (torch.randn(7, 3, dtype=torch.float64, requires_grad=True),
-                                     torch.randn(3, 5, dtype=torch.float64, requires_grad=True)))
+    inputs = (torch.randn(7, 3, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(torch.ops.lps_fast.vn_matmul, inputs)
+    assert torch.autograd.gradgradcheck(torch.ops.lps_fast.vn_matmul, inputs)  # create_graph: torch's products
 
 
 @pytest.mark.parametrize("args, error, match", [
