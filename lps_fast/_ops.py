@@ -654,6 +654,15 @@ def define_compiled_ops() -> None:
     register_vn_matmul_autograd(_library)
 
 
+def _refuse_double_backward(name: str) -> None:
+    """A clear error for ``create_graph=True`` through a network kernel whose backward is a kernel
+    without a derivative of its own (its result would carry no graph: silently wrong second
+    derivatives). The composed layers of the reference backend have them."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"lps_fast::{name} has no second derivatives (a backward with create_graph=True); "
+                           "run the network under lps_fast.use_backend('reference'), whose composed layers do")
+
+
 def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:
     """Gradients of ``vn_layer<suffix>`` (``""``: the compiled CPU kernel, ``"_triton"``) w.r.t. p,
     d, the centre terms and the batch-norm affine parameters, by ``vn_layer_backward<suffix>``
@@ -669,6 +678,7 @@ def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Lib
         ctx.save_for_backward(p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats)
 
     def backward(ctx, grad, grad_selected, grad_stats):
+        _refuse_double_backward("vn_layer" + suffix)
         p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats = ctx.saved_tensors
         grads = backward_op(grad, p, d, p_centre, d_centre, neighbours, selected, mask, weight, bias, stats,
                             ctx.training, ctx.eps, ctx.slope)
@@ -691,6 +701,7 @@ def register_vn_score_head_autograd(lib: torch.library.Library) -> None:
         ctx.save_for_backward(x, frame, pair, mask, weight)
 
     def backward(ctx, grad):
+        _refuse_double_backward("vn_score_head")
         x, frame, pair, mask, weight = ctx.saved_tensors
         grad_x, grad_frame, grad_pair, grad_weight, grad_bias = backward_op(grad, x, frame, pair, mask, weight)
         return grad_x, grad_frame, grad_pair, None, grad_weight, grad_bias.reshape(ctx.bias_shape)

@@ -742,3 +742,19 @@ def test_the_layers_run_their_maps_through_vn_matmul(monkeypatch):
     x, mask = _padded_points(torch.float32, masked=True)
     net(x.requires_grad_(True), mask)  # an input gradient: layer by layer
     assert len(calls) == 5  # conv1, conv2 (four maps each), conv3, std1, std2
+
+
+def test_vn_kernels_refuse_a_double_backward_with_a_clear_error():
+    """create_graph=True through the fused layer or the score head: an error naming the way out,
+    not second derivatives that silently miss the kernels' own."""
+    torch.manual_seed(0)
+    net = VNDGCNN(2, hidden=24, dropout=0.0).double()
+    x, mask = _padded_points(torch.float64, masked=True)
+    x.requires_grad_(True)  # an input gradient: the layered path, through vn_layer and vn_score_head
+    frame, scores = net(x, mask)
+    with pytest.raises(RuntimeError, match="no second derivatives.*use_backend"):
+        torch.autograd.grad(frame.sum() + scores.sum(), x, create_graph=True)
+    with lps_fast.use_backend("reference"):  # the composed layers have them
+        frame, scores = net(x, mask)
+        (first,) = torch.autograd.grad(frame.sum() + scores.sum(), x, create_graph=True)
+        assert first.requires_grad
