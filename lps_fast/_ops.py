@@ -406,7 +406,11 @@ def register_autograd(ops: OpSet, names=None) -> None:
 
     def register(name, backward, setup_context):
         if name in wanted:
-            torch.library.register_autograd(qualified(name + s), _without_autocast(backward),
+            def first_order(ctx, *grads, _name=name + s, _backward=backward):
+                _refuse_double_backward(_name)
+                return _backward(ctx, *grads)
+
+            torch.library.register_autograd(qualified(name + s), _without_autocast(first_order),
                                             setup_context=setup_context)
 
     # ---- permute_nodes: out[j, r] = x[p(r)] --------------------------------------------------
@@ -655,12 +659,13 @@ def define_compiled_ops() -> None:
 
 
 def _refuse_double_backward(name: str) -> None:
-    """A clear error for ``create_graph=True`` through a network kernel whose backward is a kernel
-    without a derivative of its own (its result would carry no graph: silently wrong second
-    derivatives). The composed layers of the reference backend have them."""
+    """A clear error for ``create_graph=True`` (a gradient penalty, say) through a kernel whose
+    backward runs kernels without derivatives of their own: the gradient would carry no graph and
+    its derivatives would silently miss the kernel's. The reference backend's pure-PyTorch ops
+    and composed layers have them."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"lps_fast::{name} has no second derivatives (a backward with create_graph=True); "
-                           "run the network under lps_fast.use_backend('reference'), whose composed layers do")
+                           "run it under lps_fast.use_backend('reference'), whose pure-PyTorch path does")
 
 
 def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:

@@ -124,3 +124,20 @@ def test_fake_kernels_match_on_non_contiguous_inputs():
     soft = torch.rand(2, 3, 4, 4, dtype=torch.float64).softmax(-1).transpose(-1, -2).requires_grad_()
     torch.library.opcheck(torch.ops.lps_fast.gram_schmidt.default, (V, True))
     torch.library.opcheck(torch.ops.lps_fast.permutation_entropy.default, (soft, None))
+
+
+@pytest.mark.skipif(not CPP_OPS, reason="no CPU kernels")
+def test_a_double_backward_through_a_compiled_op_is_refused_clearly():
+    """create_graph=True (a gradient penalty) through an op whose backward runs kernels: an error
+    naming the reference backend, not gradients whose derivatives silently miss the kernels'.
+    Every provider's autograd goes through the same registration (_ops.register_autograd)."""
+    x, perm, soft = _inputs()["permute_nodes"]
+    with lps_fast.use_backend("cpp"):
+        out = lps_fast.permute_nodes(x, perm, soft)
+        with pytest.raises(RuntimeError, match="no second derivatives.*use_backend"):
+            torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with lps_fast.use_backend("reference"):
+        out = lps_fast.permute_nodes(x, perm, soft)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        assert grad.requires_grad
+    assert torch.autograd.gradgradcheck(lambda x: ref.permute_nodes(x, perm, soft), (x,))
