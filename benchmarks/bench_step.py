@@ -32,9 +32,7 @@ hooks, bound methods), in the order ``Symmetrize.forward`` makes them.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import os
 import statistics
 import sys
 import time
@@ -336,17 +334,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     if not args.quiet:
         print(harness.format_environment(env, None), flush=True)
-    run_id = f"{env['date']}-{os.getpid()}"
     rows: List[dict] = []
     for task in tasks:
         load = harness.load_average()
-        for row in run_task(task, distributions, paths, overrides, rounds, budget, args.seed, log):
-            rows.append({"run_id": run_id, "family": FAMILY,
-                         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         "device": "cpu", "machine": f"{env['host']} ({env['cpu']}, {env['cores']} cores)",
-                         "threads": env["threads"], "commit": env["commit"], "torch": env["torch"],
-                         "malloc": env["malloc"], "quick": args.quick,
-                         "load_avg_1min": (load or (None,))[0], "preset": args.preset, **row})
+        rows += harness.stamped(run_task(task, distributions, paths, overrides, rounds, budget, args.seed, log), env,
+                                FAMILY, args.quick, load, preset=args.preset)
     harness.append_rows(rows, out)
     print(f"\nstep: medians in ms of one training step (forward, backward, optimizer), {env['threads']} thread(s); "
           f"'vs reference' = time(reference path) / time(this path); load average at the end {harness.load_average()}")

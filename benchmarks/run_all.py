@@ -94,28 +94,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         print(f"\nall op families ({time.perf_counter() - start:.0f} s); medians in ms, "
               "speedup = time(baseline) / time(fast)")
         print(summary.format_table(rows))
-    if STEP in families and known.device == "cpu":
-        step_args = ["--quick"] if known.quick else []
-        step_args += [] if known.threads is None else ["--threads", str(known.threads)]
-        step_args += ["--raw-malloc"] if known.raw_malloc else []
-        step_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_step.FAMILY}.jsonl")]
-        rows += bench_step.main(step_args)
-    elif STEP in families:
-        print(f"step: the training-step benchmark runs on the CPU only; skipped for --device {known.device}")
-    if VN in families and known.device == "cpu":
-        vn_args = ["--quick"] if known.quick else []
-        vn_args += [] if known.threads is None else ["--threads", str(known.threads)]
-        vn_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_vn.FAMILY}.jsonl")]
-        rows += bench_vn.main(vn_args)
-    elif VN in families:
-        print(f"vn: the fused VN layers run on the CPU only; skipped for --device {known.device}")
-    if VN_MATMUL in families and known.device == "cpu":
-        matmul_args = ["--quick"] if known.quick else []
-        matmul_args += [] if known.threads is None else ["--threads", str(known.threads)]
-        matmul_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{bench_vn_matmul.FAMILY}.jsonl")]
-        rows += bench_vn_matmul.main(matmul_args)
-    elif VN_MATMUL in families:
-        print(f"vn_matmul: the kernel runs on the CPU only; skipped for --device {known.device}")
+    # the CPU-only families, each a script of its own taking --quick, --threads and --out
+    for family, module, what in ((STEP, bench_step, "the training-step benchmark runs"),
+                                 (VN, bench_vn, "the fused VN layers run"),
+                                 (VN_MATMUL, bench_vn_matmul, "the kernel runs")):
+        if family not in families:
+            continue
+        if known.device != "cpu":
+            print(f"{family}: {what} on the CPU only; skipped for --device {known.device}")
+            continue
+        script_args = ["--quick"] if known.quick else []
+        script_args += [] if known.threads is None else ["--threads", str(known.threads)]
+        script_args += ["--raw-malloc"] if family == STEP and known.raw_malloc else []
+        script_args += [] if args.results is None else ["--out", str(Path(args.results) / f"{module.FAMILY}.jsonl")]
+        rows += module.main(script_args)
     return rows
 
 

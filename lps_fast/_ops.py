@@ -389,6 +389,23 @@ def _without_autocast(backward: Callable) -> Callable:
     return wrapped
 
 
+def _kernel_backward(name: str, backward: Callable) -> Callable:
+    """The backward formula of op ``name`` as registered: without autocast, and first order only.
+
+    Its formulas run kernels without derivatives of their own, so under ``create_graph=True`` (a
+    gradient penalty, say) the gradient would carry no graph and its derivatives would silently
+    miss the kernels'; a clear error instead. The reference backend's pure-PyTorch ops and
+    composed layers have second derivatives."""
+
+    def first_order(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"lps_fast::{name} has no second derivatives (a backward with create_graph=True); "
+                               "run it under lps_fast.use_backend('reference'), whose pure-PyTorch path does")
+        return backward(ctx, *grads)
+
+    return _without_autocast(first_order)
+
+
 def _needs_grad(ctx, count: int) -> tuple:
     """``ctx.needs_input_grad`` padded to ``count``: the dispatcher drops trailing arguments that
     equal their defaults (``soft=None``), and those never need a gradient."""
@@ -406,11 +423,7 @@ def register_autograd(ops: OpSet, names=None) -> None:
 
     def register(name, backward, setup_context):
         if name in wanted:
-            def first_order(ctx, *grads, _name=name + s, _backward=backward):
-                _refuse_double_backward(_name)
-                return _backward(ctx, *grads)
-
-            torch.library.register_autograd(qualified(name + s), _without_autocast(first_order),
+            torch.library.register_autograd(qualified(name + s), _kernel_backward(name + s, backward),
                                             setup_context=setup_context)
 
     # ---- permute_nodes: out[j, r] = x[p(r)] --------------------------------------------------
@@ -658,16 +671,6 @@ def define_compiled_ops() -> None:
     register_vn_matmul_autograd(_library)
 
 
-def _refuse_double_backward(name: str) -> None:
-    """A clear error for ``create_graph=True`` (a gradient penalty, say) through a kernel whose
-    backward runs kernels without derivatives of their own: the gradient would carry no graph and
-    its derivatives would silently miss the kernel's. The reference backend's pure-PyTorch ops
-    and composed layers have them."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"lps_fast::{name} has no second derivatives (a backward with create_graph=True); "
-                           "run it under lps_fast.use_backend('reference'), whose pure-PyTorch path does")
-
-
 def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Library] = None) -> None:
     """Gradients of ``vn_layer<suffix>`` (``""``: the compiled CPU kernel, ``"_triton"``) w.r.t. p,
     d, the centre terms and the batch-norm affine parameters, by ``vn_layer_backward<suffix>``
@@ -683,7 +686,6 @@ def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Lib
         ctx.save_for_backward(p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats)
 
     def backward(ctx, grad, grad_selected, grad_stats):
-        _refuse_double_backward("vn_layer" + suffix)
         p, d, p_centre, d_centre, neighbours, mask, weight, bias, selected, stats = ctx.saved_tensors
         grads = backward_op(grad, p, d, p_centre, d_centre, neighbours, selected, mask, weight, bias, stats,
                             ctx.training, ctx.eps, ctx.slope)
@@ -691,8 +693,8 @@ def register_vn_layer_autograd(suffix: str = "", lib: Optional[torch.library.Lib
         return (grad_p, grad_d, grad_pc if p_centre is not None else None, grad_dc if d_centre is not None else None,
                 None, None, None, grad_weight, grad_bias, None, None, None, None)
 
-    torch.library.register_autograd(qualified("vn_layer" + suffix), _without_autocast(backward), setup_context=setup,
-                                    lib=lib)
+    torch.library.register_autograd(qualified("vn_layer" + suffix), _kernel_backward("vn_layer" + suffix, backward),
+                                    setup_context=setup, lib=lib)
 
 
 def register_vn_score_head_autograd(lib: torch.library.Library) -> None:
@@ -706,13 +708,12 @@ def register_vn_score_head_autograd(lib: torch.library.Library) -> None:
         ctx.save_for_backward(x, frame, pair, mask, weight)
 
     def backward(ctx, grad):
-        _refuse_double_backward("vn_score_head")
         x, frame, pair, mask, weight = ctx.saved_tensors
         grad_x, grad_frame, grad_pair, grad_weight, grad_bias = backward_op(grad, x, frame, pair, mask, weight)
         return grad_x, grad_frame, grad_pair, None, grad_weight, grad_bias.reshape(ctx.bias_shape)
 
-    torch.library.register_autograd(qualified("vn_score_head"), _without_autocast(backward), setup_context=setup,
-                                    lib=lib)
+    torch.library.register_autograd(qualified("vn_score_head"), _kernel_backward("vn_score_head", backward),
+                                    setup_context=setup, lib=lib)
 
 
 def register_vn_matmul_autograd(lib: torch.library.Library) -> None:

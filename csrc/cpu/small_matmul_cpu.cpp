@@ -19,7 +19,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -32,6 +31,13 @@ namespace lps_fast {
 namespace cpu {
 namespace {
 
+// The rows of x (..., K): the product of its leading sizes.
+int64_t row_count(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
 #if defined(__AVX512F__)
 // The rows of x (..., K) as a matrix with a uniform row stride and unit column stride, copying
 // only where its layout has no such stride.
@@ -43,8 +49,7 @@ struct Rows {
 Rows rows_of(const at::Tensor& x) {
   Rows rows;
   rows.width = x.size(-1);
-  rows.count = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows.count *= x.size(d);
+  rows.count = row_count(x);
   // the leading dims (size-1 ones aside) must step whole rows: each stride = the next one's span
   bool uniform = x.stride(-1) == 1 || rows.width <= 1;
   int64_t stride = -1, span = 0;
@@ -69,6 +74,22 @@ constexpr int kMaxVectors = 3;
 template <int V>
 constexpr int row_tile() { return V <= 2 ? 8 : 6; }
 
+// Vector v of a panel row of V vectors: whole, or the `tail` lanes of the last one.
+template <typename T, int V>
+inline typename Vector512<T>::Vec load_panel(const T* row, int v, typename Vector512<T>::Mask tail) {
+  using W = Vector512<T>;
+  return v == V - 1 ? W::load(tail, row + v * W::kLanes) : W::load(row + v * W::kLanes);
+}
+template <typename T, int V>
+inline void store_panel(T* row, int v, typename Vector512<T>::Mask tail, typename Vector512<T>::Vec x) {
+  using W = Vector512<T>;
+  if (v == V - 1) {
+    W::store(tail, row + v * W::kLanes, x);
+  } else {
+    W::store(row + v * W::kLanes, x);
+  }
+}
+
 // C[0:RB, panel] = A[0:RB, :] @ B[:, panel]; the panel's last vector holds `tail` lanes.
 template <typename T, int V, int RB>
 inline void nn_tile(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t K, T* C, int64_t ldc,
@@ -84,8 +105,7 @@ inline void nn_tile(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t K,
   for (int64_t k = 0; k < K; ++k) {
     typename W::Vec b[V];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v)
-      b[v] = v == V - 1 ? W::load(tail, B + k * ldb + v * W::kLanes) : W::load(B + k * ldb + v * W::kLanes);
+    for (int v = 0; v < V; ++v) b[v] = load_panel<T, V>(B + k * ldb, v, tail);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const auto a = W::broadcast(A[r * lda + k]);
@@ -96,13 +116,7 @@ inline void nn_tile(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t K,
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      if (v == V - 1) {
-        W::store(tail, C + r * ldc + v * W::kLanes, acc[r][v]);
-      } else {
-        W::store(C + r * ldc + v * W::kLanes, acc[r][v]);
-      }
-    }
+    for (int v = 0; v < V; ++v) store_panel<T, V>(C + r * ldc, v, tail, acc[r][v]);
 }
 
 template <typename T, int V>
@@ -134,8 +148,7 @@ inline void tn_tile(const T* A, int64_t lda, const T* G, int64_t ldg, int64_t r0
   for (int64_t r = r0; r < r1; ++r) {
     typename W::Vec g[V];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v)
-      g[v] = v == V - 1 ? W::load(tail, G + r * ldg + v * W::kLanes) : W::load(G + r * ldg + v * W::kLanes);
+    for (int v = 0; v < V; ++v) g[v] = load_panel<T, V>(G + r * ldg, v, tail);
 #pragma GCC unroll 8
     for (int k = 0; k < KB; ++k) {
       const auto a = W::broadcast(A[r * lda + k]);
@@ -146,14 +159,8 @@ inline void tn_tile(const T* A, int64_t lda, const T* G, int64_t ldg, int64_t r0
 #pragma GCC unroll 8
   for (int k = 0; k < KB; ++k)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      T* c = C + k * ldc + v * W::kLanes;
-      if (v == V - 1) {
-        W::store(tail, c, first ? acc[k][v] : W::add(W::load(tail, c), acc[k][v]));
-      } else {
-        W::store(c, first ? acc[k][v] : W::add(W::load(c), acc[k][v]));
-      }
-    }
+    for (int v = 0; v < V; ++v)
+      store_panel<T, V>(C + k * ldc, v, tail, first ? acc[k][v] : W::add(load_panel<T, V>(C + k * ldc, v, tail), acc[k][v]));
 }
 
 template <typename T, int V>
@@ -244,11 +251,9 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor small_matmul_tn(const at::Tensor& x, const at::Tensor& g) {
   const int64_t K = x.size(-1), M = g.size(-1);
-  int64_t rows_x = 1, rows_g = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows_x *= x.size(d);
-  for (int64_t d = 0; d + 1 < g.dim(); ++d) rows_g *= g.size(d);
-  TORCH_CHECK_VALUE(rows_x == rows_g, "small_matmul_tn: x and g must have as many rows, got ", rows_x, " and ",
-                    rows_g);
+  const int64_t rows = row_count(x);
+  TORCH_CHECK_VALUE(rows == row_count(g), "small_matmul_tn: x and g must have as many rows, got ", rows, " and ",
+                    row_count(g));
 #if defined(__AVX512F__)
   const Rows a = rows_of(x), b = rows_of(g);
   at::Tensor out = at::empty({K, M}, x.options());
@@ -264,7 +269,7 @@ at::Tensor small_matmul_tn(const at::Tensor& x, const at::Tensor& g) {
   });
   return out;
 #else
-  return at::mm(x.reshape({rows_x, K}).t(), g.reshape({rows_x, M}));
+  return at::mm(x.reshape({rows, K}).t(), g.reshape({rows, M}));
 #endif
 }
 
