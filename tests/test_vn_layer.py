@@ -282,9 +282,9 @@ def test_vn_linear_leaky_relu_with_leading_dims_and_a_broadcast_mask(shared_dire
         torch.testing.assert_close(fused, reference, atol=1e-10, rtol=1e-9)
 
 
-def _edge_args(dtype=torch.float64, masked=True, seed=0, channels=5, shared=False):
+def _edge_args(dtype=torch.float64, masked=True, seed=0, channels=5, shared=False, neighbours_per_node=3):
     gen = torch.Generator().manual_seed(seed)
-    N, n, K, C = 3, 6, 3, channels
+    N, n, K, C = 3, 6, neighbours_per_node, channels
     D = 1 if shared else C
     p, pc = (torch.randn(N, n, 3, C, generator=gen, dtype=dtype) for _ in range(2))
     d, dc = (torch.randn(N, n, 3, D, generator=gen, dtype=dtype) for _ in range(2))
@@ -385,12 +385,16 @@ def _edge_layer_by_definition(p, d, pc, dc, neighbours, pool, mask, weight, bias
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("channels", [3, 8, 13, 21, 24, 40])
-def test_edge_layer_matches_its_definition_at_every_vector_layout(dtype, channels):
+@pytest.mark.parametrize("channels", [3, 8, 13, 21, 24, 40, 72])
+@pytest.mark.parametrize("K", [1, 3, 6])
+def test_edge_layer_matches_its_definition_at_every_vector_layout(dtype, channels, K):
     """Channel counts that take each of the kernels' vector layouts: the pool scores' whole and
-    half vectors (or the plain loop), and one or several lane blocks in the backward's gather and
-    scatter of each channel's kept neighbour; forward, selection and every gradient."""
-    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=dtype, channels=channels, seed=channels)
+    half vectors (or the plain loop), scored in groups of 1 to 4 entries (K neighbours: a single
+    entry, a part-filled group, whole and part-filled groups), and one or several lane blocks in
+    the backward's gather and scatter of each channel's kept neighbour; forward, selection and
+    every gradient."""
+    p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=dtype, channels=channels, seed=channels,
+                                                                    neighbours_per_node=K)
     inputs = [t.requires_grad_(True) for t in (p, d, pc, dc, weight, bias)]
     out, selected, _ = torch.ops.lps_fast.vn_layer(p, d, pc, dc, neighbours, pool, mask, weight, bias, None, None,
                                                    1e-5, 0.2)

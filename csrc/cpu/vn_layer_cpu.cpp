@@ -220,62 +220,94 @@ __attribute__((noinline)) void entry_forward(const acc_t* __restrict__ pv, const
   }
 }
 
-// score[c] = o[:, c] . (pool @ o)[:, c] for one entry (o: 3 rows of stride L), with pool
-// transposed and zero-padded to L columns (pool_t[e * L + c] = pool[c, e]). kVectors whole
-// 64-byte vectors, plus with kHalf one 32-byte vector, cover the C channels: fixed at compile
-// time, the 3 x (kVectors + kHalf) accumulators stay in registers and each load of pool_t is
-// shared between the three coordinates. The half vector serves channel counts just past a
-// multiple of a vector (C = 21 in float: 16 + 8 lanes instead of 32, a quarter fewer FMA
-// cycles). kVectors = 0 without kHalf is the plain loop.
-template <int kVectors, bool kHalf, typename acc_t>
-inline void pool_scores(const acc_t* o, const acc_t* pool_t, int64_t C, int64_t L, acc_t* score) {
+// score[g * L + c] = o_g[:, c] . (pool @ o_g)[:, c] for kGroup entries o_g = o + g * stride (3
+// rows of stride L each), with pool transposed and zero-padded to L columns (pool_t[e * L + c] =
+// pool[c, e]). kVectors whole 64-byte vectors, plus with kHalf one 32-byte vector, cover the C
+// channels: fixed at compile time, the kGroup x 3 x (kVectors + kHalf) accumulators stay in
+// registers, and each load of pool_t serves the three coordinates of every entry of the group
+// (one entry at a time, the loop was bound by its loads and its chains of dependent FMAs). The
+// half vector serves channel counts just past a multiple of a vector (C = 21 in float: 16 + 8
+// lanes instead of 32, a quarter fewer FMA cycles). kVectors = 0 without kHalf is the plain loop.
+// Lanes past C get score 0 (pool_t's padding is zero).
+template <int kVectors, bool kHalf, int kGroup, typename acc_t>
+inline void pool_scores(const acc_t* o, int64_t stride, const acc_t* pool_t, int64_t C, int64_t L, acc_t* score) {
   if constexpr (kVectors > 0 || kHalf) {
     typedef acc_t vec __attribute__((vector_size(64)));
     typedef acc_t half_vec __attribute__((vector_size(32)));
     constexpr int kLanes = 64 / sizeof(acc_t);
-    constexpr int kWidth = kVectors * kLanes + (kHalf ? kLanes / 2 : 0);
-    vec acc[3][kVectors > 0 ? kVectors : 1];
-    half_vec tail[3];
-    for (int a = 0; a < 3; ++a) {
-      for (int v = 0; v < kVectors; ++v) acc[a][v] = vec{} * acc_t(0);
-      tail[a] = half_vec{} * acc_t(0);
+    constexpr int kV = kVectors > 0 ? kVectors : 1;
+    vec acc[kGroup][3][kV];
+    half_vec tail[kGroup][3];
+#pragma GCC unroll 16
+    for (int g = 0; g < kGroup; ++g) {
+#pragma GCC unroll 3
+      for (int a = 0; a < 3; ++a) {
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v) acc[g][a][v] = vec{} * acc_t(0);
+        tail[g][a] = half_vec{} * acc_t(0);
+      }
     }
     for (int64_t e = 0; e < C; ++e) {
       const acc_t* column = pool_t + e * L;
-      const acc_t o0 = o[e], o1 = o[L + e], o2 = o[2 * L + e];
+      vec w[kV];
+      half_vec w_tail;
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) std::memcpy(&w[v], column + v * kLanes, sizeof(vec));
+      if constexpr (kHalf) std::memcpy(&w_tail, column + kVectors * kLanes, sizeof(half_vec));
+#pragma GCC unroll 16
+      for (int g = 0; g < kGroup; ++g) {
+#pragma GCC unroll 3
+        for (int a = 0; a < 3; ++a) {
+          const acc_t x = o[g * stride + a * L + e];
+#pragma GCC unroll 4
+          for (int v = 0; v < kVectors; ++v) acc[g][a][v] += w[v] * x;
+          if constexpr (kHalf) tail[g][a] += w_tail * x;
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < kGroup; ++g) {
+      const acc_t* og = o + g * stride;
+#pragma GCC unroll 4
       for (int v = 0; v < kVectors; ++v) {
-        vec w;
-        std::memcpy(&w, column + v * kLanes, sizeof(vec));
-        acc[0][v] += w * o0;
-        acc[1][v] += w * o1;
-        acc[2][v] += w * o2;
+        vec o0, o1, o2;
+        std::memcpy(&o0, og + v * kLanes, sizeof(vec));
+        std::memcpy(&o1, og + L + v * kLanes, sizeof(vec));
+        std::memcpy(&o2, og + 2 * L + v * kLanes, sizeof(vec));
+        const vec s = o0 * acc[g][0][v] + o1 * acc[g][1][v] + o2 * acc[g][2][v];
+        std::memcpy(score + g * L + v * kLanes, &s, sizeof(vec));
       }
       if constexpr (kHalf) {
-        half_vec w;
-        std::memcpy(&w, column + kVectors * kLanes, sizeof(half_vec));
-        tail[0] += w * o0;
-        tail[1] += w * o1;
-        tail[2] += w * o2;
+        half_vec o0, o1, o2;
+        std::memcpy(&o0, og + kVectors * kLanes, sizeof(half_vec));
+        std::memcpy(&o1, og + L + kVectors * kLanes, sizeof(half_vec));
+        std::memcpy(&o2, og + 2 * L + kVectors * kLanes, sizeof(half_vec));
+        const half_vec s = o0 * tail[g][0] + o1 * tail[g][1] + o2 * tail[g][2];
+        std::memcpy(score + g * L + kVectors * kLanes, &s, sizeof(half_vec));
       }
     }
-    acc_t direction[3][kWidth];
-    for (int a = 0; a < 3; ++a) {
-      for (int v = 0; v < kVectors; ++v) std::memcpy(direction[a] + v * kLanes, &acc[a][v], sizeof(vec));
-      if constexpr (kHalf) std::memcpy(direction[a] + kVectors * kLanes, &tail[a], sizeof(half_vec));
-    }
-    for (int64_t c = 0; c < C; ++c)
-      score[c] = o[c] * direction[0][c] + o[L + c] * direction[1][c] + o[2 * L + c] * direction[2][c];
   } else {
-    for (int64_t c = 0; c < C; ++c) score[c] = 0;
-    for (int a = 0; a < 3; ++a) {
-      const acc_t* oa = o + a * L;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t direction = 0;
-        for (int64_t e = 0; e < C; ++e) direction += pool_t[e * L + c] * oa[e];
-        score[c] += oa[c] * direction;
+    for (int g = 0; g < kGroup; ++g) {
+      const acc_t* og = o + g * stride;
+      acc_t* sg = score + g * L;
+      for (int64_t c = 0; c < L; ++c) sg[c] = 0;
+      for (int a = 0; a < 3; ++a) {
+        const acc_t* oa = og + a * L;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t direction = 0;
+          for (int64_t e = 0; e < C; ++e) direction += pool_t[e * L + c] * oa[e];
+          sg[c] += oa[c] * direction;
+        }
       }
     }
   }
+}
+
+// How many entries pool_scores<kVectors, kHalf> takes at a time: as many as keep their
+// accumulators within 24 of the 32 vector registers, at most 4.
+constexpr int pool_group(int vectors, bool half) {
+  const int registers = 3 * (vectors + (half ? 1 : 0));
+  return registers == 0 ? 1 : std::max(1, std::min(4, 24 / registers));
 }
 
 // sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double.
@@ -495,17 +527,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     const int64_t whole = C / kLanes, rest = C - whole * kLanes;
     const bool half = rest > 0 && rest <= kLanes / 2;
     const int64_t vectors = whole + (rest > 0 && !half ? 1 : 0);
+    // Scores of `group` entries at a time (o: entries of 3 * L lanes each; score: L lanes each).
+    const int64_t group = s.edges ? pool_group(static_cast<int>(vectors), half) : 1;
     auto scores_of = [&](const acc_t* o, acc_t* score) {
+      const acc_t* pt = pool_t.data();
+      const int64_t stride = 3 * L;
       switch (vectors * 2 + (half ? 1 : 0)) {
-        case 1: return pool_scores<0, true>(o, pool_t.data(), C, L, score);
-        case 2: return pool_scores<1, false>(o, pool_t.data(), C, L, score);
-        case 3: return pool_scores<1, true>(o, pool_t.data(), C, L, score);
-        case 4: return pool_scores<2, false>(o, pool_t.data(), C, L, score);
-        case 5: return pool_scores<2, true>(o, pool_t.data(), C, L, score);
-        case 6: return pool_scores<3, false>(o, pool_t.data(), C, L, score);
-        case 7: return pool_scores<3, true>(o, pool_t.data(), C, L, score);
-        case 8: return pool_scores<4, false>(o, pool_t.data(), C, L, score);
-        default: return pool_scores<0, false>(o, pool_t.data(), C, L, score);
+        case 1: return pool_scores<0, true, pool_group(0, true)>(o, stride, pt, C, L, score);
+        case 2: return pool_scores<1, false, pool_group(1, false)>(o, stride, pt, C, L, score);
+        case 3: return pool_scores<1, true, pool_group(1, true)>(o, stride, pt, C, L, score);
+        case 4: return pool_scores<2, false, pool_group(2, false)>(o, stride, pt, C, L, score);
+        case 5: return pool_scores<2, true, pool_group(2, true)>(o, stride, pt, C, L, score);
+        case 6: return pool_scores<3, false, pool_group(3, false)>(o, stride, pt, C, L, score);
+        case 7: return pool_scores<3, true, pool_group(3, true)>(o, stride, pt, C, L, score);
+        case 8: return pool_scores<4, false, pool_group(4, false)>(o, stride, pt, C, L, score);
+        default: return pool_scores<0, false, 1>(o, stride, pt, C, L, score);
       }
     };
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
@@ -519,8 +555,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     }
 
     at::parallel_for(0, s.N * n, std::max<int64_t>(1, 4096 / (K * C + 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), o(3 * L), kept(3 * L), score(L, acc_t(0)),
-          best(L, acc_t(0)), which(L, acc_t(0));
+      // every entry's output and score, rounded up to whole groups (the extra entries stay zero)
+      const int64_t slots = s.edges ? (K + group - 1) / group * group : 1;
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), o(slots * 3 * L, acc_t(0)),
+          kept(3 * L), score(slots * L, acc_t(0)), best(L, acc_t(0)), which(L, acc_t(0));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
         scalar_t* dst = target + b * out_graph + i * out_node;
@@ -536,16 +574,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
         }
         for (int64_t k = 0; k < K; ++k) {
           reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
-          entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, k == 0 ? kept.data() : o.data());
-          if (k == 0) {
-            scores_of(kept.data(), best.data());
-            std::fill(which.begin(), which.end(), acc_t(0));
-            continue;
-          }
-          scores_of(o.data(), score.data());
-          keep_better(score.data(), o.data(), static_cast<acc_t>(k), L, best.data(), which.data(), kept.data());
+          entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, o.data() + k * 3 * L);
         }
-        for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, kept.data() + a * L, C);
+        for (int64_t k = 0; k < K; k += group) scores_of(o.data() + k * 3 * L, score.data() + k * L);
+        std::copy(score.begin(), score.begin() + L, best.begin());
+        std::fill(which.begin(), which.end(), acc_t(0));
+        const acc_t* kept_rows = o.data();  // a single entry's own rows
+        if (K > 1) {
+          std::copy(o.begin(), o.begin() + 3 * L, kept.begin());
+          kept_rows = kept.data();
+          for (int64_t k = 1; k < K; ++k)
+            keep_better(score.data() + k * L, o.data() + k * 3 * L, static_cast<acc_t>(k), L, best.data(),
+                        which.data(), kept.data());
+        }
+        for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, kept_rows + a * L, C);
         for (int64_t c = 0; c < C; ++c) chosen[row * C + c] = static_cast<int64_t>(which[c]);
       }
     });
