@@ -207,37 +207,50 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 // ---- the frame: a max-pool over the nodes of the first layer's features, mapped to 3 vectors ---
 
 // VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v
-// (the first of equal maxima, as argmax; padded nodes never, unless the graph has none: then 0).
-// The scores are the same ATen expression as there (so both paths agree even among exact ties);
-// the argmax over the nodes is a loop (a transposed copy and an argmax over the middle dim before).
-at::Tensor frame_pool_index(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
+// (the first of equal maxima, as argmax; padded nodes never, unless the graph has none: then 0),
+// and the vectors it keeps: {index (N, C), pooled (N, 3, C)}. The scores are the values of the
+// same ATen expression as there, (v * linear(v, direction)).sum(-2): the product by BLAS on the same
+// operand layout, then per channel (v_0 l_0 + v_1 l_1) + v_2 l_2 with every product rounded (no
+// FMA), so that both paths agree even among exact ties. The rest is one loop per graph (as ATen
+// ops, the scores' product and sum, a transposed copy, argmax and gather cost as much as the
+// layer's matrix product).
+__attribute__((optimize("fp-contract=off")))
+std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
   const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
   // x1 is a column block of [x1, x2]: a dense copy gives BLAS the operand layout of the layered path
   const at::Tensor dense = x.contiguous();
-  const at::Tensor scores = (dense * at::linear(dense, direction)).sum(-2).contiguous();  // [N, n, C]
-  at::Tensor index = at::zeros({N, C}, x.options().dtype(at::kLong));
+  const at::Tensor projected = at::linear(dense, direction);  // [N, n, 3, C]
+  at::Tensor index = at::empty({N, C}, x.options().dtype(at::kLong));
+  at::Tensor pooled = at::empty({N, 3, C}, x.options());
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_dgcnn_frame_pool", [&] {
-    const scalar_t* all = scores.const_data_ptr<scalar_t>();
-    int64_t* out = index.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* v = dense.const_data_ptr<scalar_t>();
+    const scalar_t* l = projected.const_data_ptr<scalar_t>();
+    int64_t* chosen = index.mutable_data_ptr<int64_t>();
+    scalar_t* kept = pooled.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> best(C);
       for (int64_t b = begin; b < end; ++b) {
+        int64_t* which = chosen + b * C;
         std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
+        std::fill(which, which + C, int64_t(0));
         for (int64_t i = 0; i < n; ++i) {
           if (valid && !valid[b * n + i]) continue;
-          const scalar_t* score = all + (b * n + i) * C;
+          const scalar_t* vi = v + (b * n + i) * 3 * C;
+          const scalar_t* li = l + (b * n + i) * 3 * C;
           for (int64_t c = 0; c < C; ++c) {
-            if (score[c] > best[c]) {
-              best[c] = score[c];
-              out[b * C + c] = i;
-            }
+            const scalar_t score = (vi[c] * li[c] + vi[C + c] * li[C + c]) + vi[2 * C + c] * li[2 * C + c];
+            const bool better = score > best[c];
+            best[c] = better ? score : best[c];
+            which[c] = better ? i : which[c];
           }
         }
+        for (int a = 0; a < 3; ++a)
+          for (int64_t c = 0; c < C; ++c) kept[(b * 3 + a) * C + c] = v[((b * n + which[c]) * 3 + a) * C + c];
       }
     });
   });
-  return index;
+  return {index, pooled};
 }
 
 at::Tensor expanded_index(const at::Tensor& index, const at::Tensor& x) {
@@ -396,8 +409,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2,
                                scores ? x12.narrow(3, C, C) : at::Tensor());
   if (keep2.defined()) x2.mul_(keep2);
-  const at::Tensor index = frame_pool_index(x1, params[10], mask);
-  const at::Tensor pooled = at::gather(x1, 1, expanded_index(index, x1)).squeeze(1);  // [N, 3, C]
+  const auto [index, pooled] = frame_pool(x1, params[10], mask);  // [N, C], [N, 3, C]
   const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
 
   // x1 travels as x12 where that holds it (a list of outputs should not alias itself)
