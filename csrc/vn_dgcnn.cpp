@@ -343,9 +343,11 @@ NodeSaved node_at(at::TensorList saved, int64_t first) { return {saved[first], s
 void check_index(const at::Tensor& t, at::IntArrayRef shape, int64_t bound, const char* name) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.sizes() == shape, "saved ", name, " must be int64 of shape ",
                     shape, ", got ", t.scalar_type(), " ", t.sizes());
-  if (t.numel() > 0)
-    TORCH_CHECK_VALUE(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < bound, "saved ", name,
-                      " must lie in [0, ", bound, ")");
+  // one pass over the (dense) values: min() and max() were two reductions and two item() calls each
+  const int64_t* values = t.const_data_ptr<int64_t>();
+  bool inside = true;
+  for (int64_t e = 0; e < t.numel(); ++e) inside &= values[e] >= 0 && values[e] < bound;
+  TORCH_CHECK_VALUE(inside, "saved ", name, " must lie in [0, ", bound, ")");
 }
 
 void check_saved_shape(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& points, const char* name) {
