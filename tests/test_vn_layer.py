@@ -302,13 +302,15 @@ def _layer_args(mode, training, shared):
     p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(shared=shared)
     if mode == "nodes":
         pc = dc = neighbours = pool = None
+    elif mode == "nodes with centre terms":  # p + pc and d + dc of the node itself
+        neighbours = pool = None
     gen = torch.Generator().manual_seed(4)
     running = (None, None) if training else (torch.rand(5, generator=gen, dtype=torch.float64),
                                              torch.rand(5, generator=gen, dtype=torch.float64) + 0.5)
     return (p, d, pc, dc, neighbours, pool, mask, weight, bias, *running, 1e-5, 0.2)
 
 
-@pytest.mark.parametrize("mode", ["edges", "nodes"])
+@pytest.mark.parametrize("mode", ["edges", "nodes", "nodes with centre terms"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shared", [False, True])
 def test_vn_layer_gradcheck(mode, training, shared):
@@ -329,6 +331,8 @@ def test_vn_layer_opcheck(mode):
     p, d, pc, dc, neighbours, pool, mask, weight, bias = _edge_args(dtype=torch.float32)
     if mode == "nodes":
         pc = dc = neighbours = pool = None
+    elif mode == "nodes with centre terms":  # p + pc and d + dc of the node itself
+        neighbours = pool = None
     for t in (p, d, weight, bias) + (() if pc is None else (pc, dc)):
         t.requires_grad_(True)
     for running in ((None, None), (torch.zeros(5), torch.ones(5))):

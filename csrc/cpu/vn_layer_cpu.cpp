@@ -603,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& into) {
   const Shape s{p.size(0), p.size(1), neighbours.has_value() ? neighbours->size(2) : 1, p.size(3), d.size(3),
                 neighbours.has_value()};
-  // Pass 2 writes every row of the p and d gradients (zeros where none reaches): into column blocks
+  // The passes below write every row of the p and d gradients (zeros where none reaches): into column blocks
   // [p | p_centre | d | d_centre] of `into` where given, else into tensors of their own.
   at::Tensor grad_p, grad_d, grad_pc, grad_dc;
   if (into.has_value()) {
@@ -664,6 +664,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int a = 0; a < 3; ++a) copy_row(gout + a * L, upstream + row * 3 * C + a * C, C);
     };
 
+    // strides of the p and d gradient blocks (the centre terms' blocks have the same)
+    const int64_t p_graph = grad_p.stride(0), p_node = grad_p.stride(1), p_row = grad_p.stride(2),
+                  d_graph = grad_d.stride(0), d_node = grad_d.stride(1), d_row = grad_d.stride(2);
+    scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
+    scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
+    scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
+    // A per-node layer's gradients of node (b, i) (3 rows of L lanes each) into the outputs: its
+    // own p and d rows, and the centre terms' (a shared direction's summed over the channels).
+    auto write_node_gradients = [&](int64_t b, int64_t i, const acc_t* from, const acc_t* dfrom) {
+      for (int a = 0; a < 3; ++a) {
+        const int64_t p_at = b * p_graph + i * p_node + a * p_row, d_at = b * d_graph + i * d_node + a * d_row;
+        copy_row(gp + p_at, from + a * L, C);
+        if (gpc) copy_row(gpc + p_at, from + a * L, C);
+        if (D == 1) {
+          acc_t shared = 0;
+          for (int64_t c = 0; c < C; ++c) shared += dfrom[a * L + c];
+          gd[d_at] = shared;
+          if (gdc) gdc[d_at] = shared;
+        } else {
+          copy_row(gd + d_at, dfrom + a * L, D);
+          if (gdc) copy_row(gdc + d_at, dfrom + a * L, D);
+        }
+      }
+    };
+
     // Pass 1: per channel sums of g_y and g_y * xhat over the receiving entries (the others
     // contribute zero), for the affine gradients and the batch statistics' terms.
     const int64_t chunks = chunk_count(s.N);
@@ -672,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          no_stats.data(), no_stats.data(), keep};
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
-          xhat(L);
+          xhat(L), gpe(chosen ? 0 : 3 * L), gde(chosen ? 0 : 3 * L);
       Selection<acc_t> selection(K, C);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         double* sum_gy = partial.data() + chunk * 2 * C;
@@ -682,8 +708,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const int64_t row = b * n + i;
             if (skipped(row)) continue;
             read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
-            entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
-                                  static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+            if (chosen) {
+              entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
+                                    static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+            } else {  // a per-node layer's whole gradient but the statistics' terms (pass 2 adds those)
+              entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
+                                   gde.data());
+              write_node_gradients(b, i, gpe.data(), gde.data());
+            }
             for (int64_t c = 0; c < C; ++c) {
               sum_gy[c] += gy[c];
               sum_gyx[c] += gy[c] * xhat[c];
@@ -716,20 +748,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // Pass 2: the gradients of p and d, scattered to the node read and to the centre node. An
     // edge convolution's entries all get their gradient through the batch statistics (training
     // only), and each channel's selected entry its gradient through the leaky ReLU and y / l,
-    // scattered channel by channel to that neighbour; a per-node layer's single entry gets both
-    // at once (outside the statistics for a padded node). Chunks are whole graphs, so the
-    // scatter never crosses threads: each graph's gradients are summed in padded rows of a local
-    // buffer (whole vectors, read back without waiting on masked stores) and written once, in
-    // the same order of additions as adding into the outputs.
+    // scattered channel by channel to that neighbour. Chunks are whole graphs, so the scatter
+    // never crosses threads: each graph's gradients are summed in padded rows of a local buffer
+    // (whole vectors, read back without waiting on masked stores) and written once, in the same
+    // order of additions as adding into the outputs.
     const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                               mean_gx.data(), mean_gxx.data(), keep};
-    // strides of the p and d gradient blocks (the centre terms' blocks have the same)
-    const int64_t p_graph = grad_p.stride(0), p_node = grad_p.stride(1), p_row = grad_p.stride(2),
-                  d_graph = grad_d.stride(0), d_node = grad_d.stride(1), d_row = grad_d.stride(2);
-    scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
-    scalar_t* gd = grad_d.mutable_data_ptr<scalar_t>();
-    scalar_t* gpc = p_centre.has_value() ? grad_pc.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gdc = d_centre.has_value() ? grad_dc.mutable_data_ptr<scalar_t>() : nullptr;
+    if (!chosen) {
+      // A per-node layer: pass 1 wrote every gradient but, in training, the batch statistics'
+      // terms of the p gradients of real nodes, gl / |p| * p (see statistics_backward).
+      if (!training) return;
+      at::parallel_for(0, s.N * n, std::max<int64_t>(1, 2048 / (C + 1)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
+        for (int64_t row = begin; row < end; ++row) {
+          if (valid && !valid[row]) continue;
+          const int64_t b = row / n, i = row % n;
+          reader.read_p(b, i, i, pv.data());
+          statistics_backward(pv.data(), with_stats, L, gpe.data());
+          for (int a = 0; a < 3; ++a) {
+            const int64_t p_at = b * p_graph + i * p_node + a * p_row;
+            add_row(gp + p_at, gpe.data() + a * L, C);
+            if (gpc) add_row(gpc + p_at, gpe.data() + a * L, C);
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
           xhat(L), gpe(3 * L + kSlack), gde(3 * L + kSlack);  // the scatter reads them a whole vector at a time
@@ -769,8 +813,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = b * n + i;
           if (skipped(row)) continue;
-          const int64_t* neighbours_of_i = chosen ? nbr + row * K : nullptr;
-          if (chosen && training) {
+          const int64_t* neighbours_of_i = nbr + row * K;
+          if (training) {
             for (int64_t k = 0; k < K; ++k) {
               const int64_t j = neighbours_of_i[k];
               reader.read_p(b, i, j, pv.data());
@@ -781,29 +825,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               }
             }
           }
-          const bool statistics_here = !chosen && (!valid || valid[row]);
           read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
-          entry_backward<true>(pv.data(), dv.data(), gout.data(), statistics_here ? with_stats : plain, L, gy.data(),
-                               xhat.data(), gpe.data(), gde.data());
+          entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
+                               gde.data());
           for (int a = 0; a < 3; ++a) {
             const acc_t* from = gpe.data() + a * L;
             const acc_t* dfrom = gde.data() + a * L;
-            if (chosen) {
-              scatter_selected(a, from, dfrom, neighbours_of_i, selection);
-            } else {
-              add_row(at_row(gp_graph, i, a), from, L);
-            }
+            scatter_selected(a, from, dfrom, neighbours_of_i, selection);
             if (gpc) add_row(at_row(gpc_graph, i, a), from, L);
             acc_t shared = 0;
             if (D == 1)
               for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
-            if (!chosen) {
-              if (D == 1) {
-                at_row(gd_graph, i, a)[0] += shared;
-              } else {
-                add_row(at_row(gd_graph, i, a), dfrom, L);
-              }
-            }
             if (gdc) {
               if (D == 1) {
                 at_row(gdc_graph, i, a)[0] += shared;
