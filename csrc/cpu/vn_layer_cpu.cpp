@@ -691,96 +691,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     };
 
     // Pass 1: per channel sums of g_y and g_y * xhat over the receiving entries (the others
-    // contribute zero), for the affine gradients and the batch statistics' terms.
+    // contribute zero), for the affine gradients and the batch statistics' terms; and every
+    // gradient but those terms (not known before the sums). An edge convolution's receiving entry
+    // (each channel from its kept neighbour) scatters its gradient channel by channel to those
+    // neighbours and to the node. Chunks are whole graphs, so the scatter never crosses threads:
+    // each graph's gradients are summed in padded rows of a local buffer (whole vectors, read back
+    // without waiting on masked stores) and written once.
     const int64_t chunks = chunk_count(s.N);
     std::vector<double> partial(chunks * 2 * C, 0.0);
     const BackwardConstants<acc_t> plain{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                          no_stats.data(), no_stats.data(), keep};
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
-          xhat(L), gpe(chosen ? 0 : 3 * L), gde(chosen ? 0 : 3 * L);
-      Selection<acc_t> selection(K, C);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        double* sum_gy = partial.data() + chunk * 2 * C;
-        double* sum_gyx = sum_gy + C;
-        for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t row = b * n + i;
-            if (skipped(row)) continue;
-            read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
-            if (chosen) {
-              entry_backward<false>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(),
-                                    static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
-            } else {  // a per-node layer's whole gradient but the statistics' terms (pass 2 adds those)
-              entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
-                                   gde.data());
-              write_node_gradients(b, i, gpe.data(), gde.data());
-            }
-            for (int64_t c = 0; c < C; ++c) {
-              sum_gy[c] += gy[c];
-              sum_gyx[c] += gy[c] * xhat[c];
-            }
-          }
-        }
-      }
-    });
-    {
-      double count = 0.0;
-      for (int64_t row = 0; row < s.N * n; ++row) count += (!valid || valid[row]) ? K : 0;
-      const double denominator = std::max(count, 1.0);
-      scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        double sum_gy = 0.0, sum_gyx = 0.0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          sum_gy += partial[chunk * 2 * C + c];
-          sum_gyx += partial[chunk * 2 * C + C + c];
-        }
-        gw[c] = static_cast<scalar_t>(sum_gyx);
-        gb[c] = static_cast<scalar_t>(sum_gy);
-        if (training) {
-          mean_gx[c] = static_cast<acc_t>(sum_gy * static_cast<double>(gamma[c]) / denominator);
-          mean_gxx[c] = static_cast<acc_t>(sum_gyx * static_cast<double>(gamma[c]) / denominator);
-        }
-      }
-    }
-
-    // Pass 2: the gradients of p and d, scattered to the node read and to the centre node. An
-    // edge convolution's entries all get their gradient through the batch statistics (training
-    // only), and each channel's selected entry its gradient through the leaky ReLU and y / l,
-    // scattered channel by channel to that neighbour. Chunks are whole graphs, so the scatter
-    // never crosses threads: each graph's gradients are summed in padded rows of a local buffer
-    // (whole vectors, read back without waiting on masked stores) and written once, in the same
-    // order of additions as adding into the outputs.
-    const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
-                                              mean_gx.data(), mean_gxx.data(), keep};
-    if (!chosen) {
-      // A per-node layer: pass 1 wrote every gradient but, in training, the batch statistics'
-      // terms of the p gradients of real nodes, gl / |p| * p (see statistics_backward).
-      if (!training) return;
-      at::parallel_for(0, s.N * n, std::max<int64_t>(1, 2048 / (C + 1)), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
-        for (int64_t row = begin; row < end; ++row) {
-          if (valid && !valid[row]) continue;
-          const int64_t b = row / n, i = row % n;
-          reader.read_p(b, i, i, pv.data());
-          statistics_backward(pv.data(), with_stats, L, gpe.data());
-          for (int a = 0; a < 3; ++a) {
-            const int64_t p_at = b * p_graph + i * p_node + a * p_row;
-            add_row(gp + p_at, gpe.data() + a * L, C);
-            if (gpc) add_row(gpc + p_at, gpe.data() + a * L, C);
-          }
-        }
-      });
-      return;
-    }
-    at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
           xhat(L), gpe(3 * L + kSlack), gde(3 * L + kSlack);  // the scatter reads them a whole vector at a time
-      // row (j, a) of the graph at (j * 3 + a) * L; a shared direction's gradient in lane 0
-      const int64_t graph_lanes = n * 3 * L;
-      std::vector<acc_t> gp_graph(graph_lanes + kSlack), gd_graph(graph_lanes + kSlack), gpc_graph(gpc ? graph_lanes : 0),
-          gdc_graph(gdc ? graph_lanes : 0);
+      // An edge convolution's graph: row (j, a) at (j * 3 + a) * L; a shared direction's gradient in lane 0
+      const int64_t graph_lanes = chosen ? n * 3 * L : 0;
+      std::vector<acc_t> gp_graph(graph_lanes + kSlack), gd_graph(graph_lanes + kSlack),
+          gpc_graph(gpc ? graph_lanes : 0), gdc_graph(gdc ? graph_lanes : 0);
       auto at_row = [&](std::vector<acc_t>& buffer, int64_t j, int a) { return buffer.data() + (j * 3 + a) * L; };
       Selection<acc_t> selection(K, C);
       // Each channel's gradients to the neighbour it kept (rows of the graph's buffers).
@@ -808,50 +735,128 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at_row(gd_graph, j, a)[D == 1 ? 0 : c] += dfrom[c];
         }
       };
-      for (int64_t b = begin; b < end; ++b) {
-        for (auto* buffer : {&gp_graph, &gd_graph, &gpc_graph, &gdc_graph}) std::fill(buffer->begin(), buffer->end(), acc_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t row = b * n + i;
-          if (skipped(row)) continue;
-          const int64_t* neighbours_of_i = nbr + row * K;
-          if (training) {
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t j = neighbours_of_i[k];
-              reader.read_p(b, i, j, pv.data());
-              statistics_backward(pv.data(), with_stats, L, gpe.data());
-              for (int a = 0; a < 3; ++a) {
-                add_row(at_row(gp_graph, j, a), gpe.data() + a * L, L);
-                if (gpc) add_row(at_row(gpc_graph, i, a), gpe.data() + a * L, L);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        double* sum_gy = partial.data() + chunk * 2 * C;
+        double* sum_gyx = sum_gy + C;
+        for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
+          if (chosen)
+            for (auto* buffer : {&gp_graph, &gd_graph, &gpc_graph, &gdc_graph})
+              std::fill(buffer->begin(), buffer->end(), acc_t(0));
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t row = b * n + i;
+            if (skipped(row)) continue;
+            read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
+            entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
+                                 gde.data());
+            for (int64_t c = 0; c < C; ++c) {
+              sum_gy[c] += gy[c];
+              sum_gyx[c] += gy[c] * xhat[c];
+            }
+            if (!chosen) {
+              write_node_gradients(b, i, gpe.data(), gde.data());
+              continue;
+            }
+            for (int a = 0; a < 3; ++a) {
+              const acc_t* from = gpe.data() + a * L;
+              const acc_t* dfrom = gde.data() + a * L;
+              scatter_selected(a, from, dfrom, nbr + row * K, selection);
+              if (gpc) add_row(at_row(gpc_graph, i, a), from, L);
+              if (gdc) {
+                if (D == 1) {
+                  acc_t shared = 0;
+                  for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
+                  at_row(gdc_graph, i, a)[0] += shared;
+                } else {
+                  add_row(at_row(gdc_graph, i, a), dfrom, L);
+                }
               }
             }
           }
-          read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
-          entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
-                               gde.data());
+          if (!chosen) continue;
+          for (int64_t j = 0; j < n; ++j) {
+            for (int a = 0; a < 3; ++a) {
+              const int64_t p_at = b * p_graph + j * p_node + a * p_row, d_at = b * d_graph + j * d_node + a * d_row;
+              copy_row(gp + p_at, at_row(gp_graph, j, a), C);
+              copy_row(gd + d_at, at_row(gd_graph, j, a), D);
+              if (gpc) copy_row(gpc + p_at, at_row(gpc_graph, j, a), C);
+              if (gdc) copy_row(gdc + d_at, at_row(gdc_graph, j, a), D);
+            }
+          }
+        }
+      }
+    });
+    {
+      double count = 0.0;
+      for (int64_t row = 0; row < s.N * n; ++row) count += (!valid || valid[row]) ? K : 0;
+      const double denominator = std::max(count, 1.0);
+      scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        double sum_gy = 0.0, sum_gyx = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          sum_gy += partial[chunk * 2 * C + c];
+          sum_gyx += partial[chunk * 2 * C + C + c];
+        }
+        gw[c] = static_cast<scalar_t>(sum_gyx);
+        gb[c] = static_cast<scalar_t>(sum_gy);
+        if (training) {
+          mean_gx[c] = static_cast<acc_t>(sum_gy * static_cast<double>(gamma[c]) / denominator);
+          mean_gxx[c] = static_cast<acc_t>(sum_gyx * static_cast<double>(gamma[c]) / denominator);
+        }
+      }
+    }
+
+    // Pass 2: the batch statistics' terms, which pass 1 could not know yet (training only).
+    const BackwardConstants<acc_t> with_stats{mean.data(), invstd.data(), gamma.data(), beta.data(),
+                                              mean_gx.data(), mean_gxx.data(), keep};
+    if (!chosen) {
+      // A per-node layer: pass 1 wrote every gradient but, in training, the batch statistics'
+      // terms of the p gradients of real nodes, gl / |p| * p (see statistics_backward).
+      if (!training) return;
+      at::parallel_for(0, s.N * n, std::max<int64_t>(1, 2048 / (C + 1)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
+        for (int64_t row = begin; row < end; ++row) {
+          if (valid && !valid[row]) continue;
+          const int64_t b = row / n, i = row % n;
+          reader.read_p(b, i, i, pv.data());
+          statistics_backward(pv.data(), with_stats, L, gpe.data());
           for (int a = 0; a < 3; ++a) {
-            const acc_t* from = gpe.data() + a * L;
-            const acc_t* dfrom = gde.data() + a * L;
-            scatter_selected(a, from, dfrom, neighbours_of_i, selection);
-            if (gpc) add_row(at_row(gpc_graph, i, a), from, L);
-            acc_t shared = 0;
-            if (D == 1)
-              for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
-            if (gdc) {
-              if (D == 1) {
-                at_row(gdc_graph, i, a)[0] += shared;
-              } else {
-                add_row(at_row(gdc_graph, i, a), dfrom, L);
-              }
+            const int64_t p_at = b * p_graph + i * p_node + a * p_row;
+            add_row(gp + p_at, gpe.data() + a * L, C);
+            if (gpc) add_row(gpc + p_at, gpe.data() + a * L, C);
+          }
+        }
+      });
+      return;
+    }
+    // An edge convolution in training: every entry's gradient through the batch statistics,
+    // summed per graph in padded local rows as in pass 1 and added to the outputs once.
+    if (!training) return;
+    at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
+      const int64_t graph_lanes = n * 3 * L;
+      std::vector<acc_t> gp_graph(graph_lanes), gpc_graph(gpc ? graph_lanes : 0);
+      auto at_row = [&](std::vector<acc_t>& buffer, int64_t j, int a) { return buffer.data() + (j * 3 + a) * L; };
+      for (int64_t b = begin; b < end; ++b) {
+        for (auto* buffer : {&gp_graph, &gpc_graph}) std::fill(buffer->begin(), buffer->end(), acc_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t row = b * n + i;
+          if (skipped(row)) continue;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t j = nbr[row * K + k];
+            reader.read_p(b, i, j, pv.data());
+            statistics_backward(pv.data(), with_stats, L, gpe.data());
+            for (int a = 0; a < 3; ++a) {
+              add_row(at_row(gp_graph, j, a), gpe.data() + a * L, L);
+              if (gpc) add_row(at_row(gpc_graph, i, a), gpe.data() + a * L, L);
             }
           }
         }
         for (int64_t j = 0; j < n; ++j) {
           for (int a = 0; a < 3; ++a) {
-            const int64_t p_at = b * p_graph + j * p_node + a * p_row, d_at = b * d_graph + j * d_node + a * d_row;
-            copy_row(gp + p_at, at_row(gp_graph, j, a), C);
-            copy_row(gd + d_at, at_row(gd_graph, j, a), D);
-            if (gpc) copy_row(gpc + p_at, at_row(gpc_graph, j, a), C);
-            if (gdc) copy_row(gdc + d_at, at_row(gdc_graph, j, a), D);
+            const int64_t p_at = b * p_graph + j * p_node + a * p_row;
+            add_row(gp + p_at, at_row(gp_graph, j, a), C);
+            if (gpc) add_row(gpc + p_at, at_row(gpc_graph, j, a), C);
           }
         }
       }
