@@ -310,7 +310,8 @@ constexpr int pool_group(int vectors, bool half) {
   return registers == 0 ? 1 : std::max(1, std::min(4, 24 / registers));
 }
 
-// sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double.
+// sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double, for c < count
+// (the entry buffers' L padded lanes: whole vectors, where C lanes left a scalar tail).
 template <typename acc_t>
 __attribute__((noinline)) void accumulate_lengths(const acc_t* __restrict__ pv, int64_t L, int64_t C,
                                                   double* __restrict__ sum, double* __restrict__ squares) {
@@ -466,19 +467,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     std::vector<double> mean(C), invstd(C), var(C);
     if (training) {
       const int64_t chunks = chunk_count(s.N);
-      std::vector<double> partial(chunks * 2 * C, 0.0), count(chunks, 0.0);
+      // per chunk, the sums of every lane (L: whole vectors, no scalar tail; lanes past C unused)
+      std::vector<double> partial(chunks * 2 * L, 0.0), count(chunks, 0.0);
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0));
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          double* sum = partial.data() + chunk * 2 * C;
-          double* squares = sum + C;
+          double* sum = partial.data() + chunk * 2 * L;
+          double* squares = sum + L;
           for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
             for (int64_t i = 0; i < n; ++i) {
               if (valid && !valid[b * n + i]) continue;
               count[chunk] += K;
               for (int64_t k = 0; k < K; ++k) {
                 reader.read_p(b, i, neighbour(b, i, k), pv.data());
-                accumulate_lengths(pv.data(), L, C, sum, squares);
+                accumulate_lengths(pv.data(), L, L, sum, squares);
               }
             }
           }
@@ -490,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
       for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, squares = 0.0;
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          sum += partial[chunk * 2 * C + c];
-          squares += partial[chunk * 2 * C + C + c];
+          sum += partial[chunk * 2 * L + c];
+          squares += partial[chunk * 2 * L + L + c];
         }
         mean[c] = sum / denominator;
         var[c] = std::max(squares / denominator - mean[c] * mean[c], 0.0);
