@@ -213,8 +213,11 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 // operand layout, then per channel (v_0 l_0 + v_1 l_1) + v_2 l_2 with every product rounded (no
 // FMA), so that both paths agree even among exact ties. The rest is one loop per graph (as ATen
 // ops, the scores' product and sum, a transposed copy, argmax and gather cost as much as the
-// layer's matrix product).
-__attribute__((optimize("fp-contract=off")))
+// layer's matrix product). Contraction is off by pragma, not by a function attribute: the score
+// loop sits in lambdas (the dispatch's and parallel_for's), which gcc compiles as functions of
+// their own that do not inherit the attribute.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
   const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
   // x1 is a column block of [x1, x2]: a dense copy gives BLAS the operand layout of the layered path
@@ -252,6 +255,7 @@ std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tens
   });
   return {index, pooled};
 }
+#pragma GCC pop_options
 
 at::Tensor expanded_index(const at::Tensor& index, const at::Tensor& x) {
   return index.view({x.size(0), 1, 1, x.size(3)}).expand({x.size(0), 1, 3, x.size(3)});

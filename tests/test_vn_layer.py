@@ -170,6 +170,25 @@ def test_whole_network_kernel_matches_the_layers_on_exact_ties(dtype, training):
             _assert_agree(whole[2][name], grad, dtype, f"d/d{name}")
 
 
+@pytest.mark.parametrize("dtype, spread", [(torch.float32, 3e-7), (torch.float64, 1e-15)])
+def test_whole_network_frame_pool_keeps_the_layers_node_on_near_ties(dtype, spread):
+    """Nodes a few rounding steps apart score within an ulp of each other in the frame pool: the
+    whole-network loop must form the scores exactly as VNMaxPool's ATen expression does (every
+    product rounded, no FMA), or it keeps another node than the layered path in some channels."""
+    torch.manual_seed(0)
+    net = VNDGCNN(1, hidden=192, neighbours=8, dropout=0.0, scores=False).to(dtype).eval()
+    _randomise_running_stats(net)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(32, 1, 3, 1, generator=gen, dtype=dtype)
+    x = base + spread * torch.randn(32, 64, 3, 1, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        whole = copy.deepcopy(net)(x)[0]
+        layered_net = copy.deepcopy(net)
+        layered_net._whole_network_serves = lambda *args: None
+        layered = layered_net(x)[0]
+    assert torch.equal(whole, layered)
+
+
 @pytest.mark.parametrize("output", ["frame", "scores"])
 def test_whole_network_leaves_parameters_only_an_unused_output_reaches_without_gradient(output):
     torch.manual_seed(0)

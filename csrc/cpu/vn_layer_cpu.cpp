@@ -516,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     const scalar_t* gamma = w.const_data_ptr<scalar_t>();
     const scalar_t* beta = bb.const_data_ptr<scalar_t>();
 
-    // pool transposed and zero-padded to a multiple of 16 columns (see pool_scores)
+    // pool transposed and zero-padded to L columns (see pool_scores)
     std::vector<acc_t> pool_t(s.edges ? C * L : 0, acc_t(0));
     if (s.edges) {
       const at::Tensor pool_c = pool->contiguous();
