@@ -303,6 +303,14 @@ inline void pool_scores(const acc_t* o, int64_t stride, const acc_t* pool_t, int
   }
 }
 
+// A shared direction's gradient: the sum over the channels of one row, in channel order.
+template <typename acc_t>
+inline acc_t channel_sum(const acc_t* row, int64_t C) {
+  acc_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) sum += row[c];
+  return sum;
+}
+
 // How many entries pool_scores<kVectors, kHalf> takes at a time: as many as keep their
 // accumulators within 24 of the 32 vector registers, at most 4.
 constexpr int pool_group(int vectors, bool half) {
@@ -310,13 +318,13 @@ constexpr int pool_group(int vectors, bool half) {
   return registers == 0 ? 1 : std::max(1, std::min(4, 24 / registers));
 }
 
-// sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double, for c < count
-// (the entry buffers' L padded lanes: whole vectors, where C lanes left a scalar tail).
+// sum[c] += l and squares[c] += l^2 for l = |p| + 1e-6 of one entry, in double, in all L padded
+// lanes (whole vectors: a loop over the C channels ended in a scalar tail; lanes past C unused).
 template <typename acc_t>
-__attribute__((noinline)) void accumulate_lengths(const acc_t* __restrict__ pv, int64_t L, int64_t C,
+__attribute__((noinline)) void accumulate_lengths(const acc_t* __restrict__ pv, int64_t L,
                                                   double* __restrict__ sum, double* __restrict__ squares) {
 #pragma GCC ivdep
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < L; ++c) {
     const acc_t x = pv[c], y = pv[L + c], z = pv[2 * L + c];
     const double l = static_cast<double>(std::sqrt(x * x + y * y + z * z)) + kVectorEps;
     sum[c] += l;
@@ -467,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     std::vector<double> mean(C), invstd(C), var(C);
     if (training) {
       const int64_t chunks = chunk_count(s.N);
-      // per chunk, the sums of every lane (L: whole vectors, no scalar tail; lanes past C unused)
+      // per chunk, the sums of every lane (see accumulate_lengths)
       std::vector<double> partial(chunks * 2 * L, 0.0), count(chunks, 0.0);
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0));
@@ -480,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
               count[chunk] += K;
               for (int64_t k = 0; k < K; ++k) {
                 reader.read_p(b, i, neighbour(b, i, k), pv.data());
-                accumulate_lengths(pv.data(), L, L, sum, squares);
+                accumulate_lengths(pv.data(), L, sum, squares);
               }
             }
           }
@@ -581,15 +589,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
         for (int64_t k = 0; k < K; k += group) scores_of(o.data() + k * 3 * L, score.data() + k * L);
         std::copy(score.begin(), score.begin() + L, best.begin());
         std::fill(which.begin(), which.end(), acc_t(0));
-        const acc_t* kept_rows = o.data();  // a single entry's own rows
-        if (K > 1) {
-          std::copy(o.begin(), o.begin() + 3 * L, kept.begin());
-          kept_rows = kept.data();
-          for (int64_t k = 1; k < K; ++k)
-            keep_better(score.data() + k * L, o.data() + k * 3 * L, static_cast<acc_t>(k), L, best.data(),
-                        which.data(), kept.data());
-        }
-        for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, kept_rows + a * L, C);
+        std::copy(o.begin(), o.begin() + 3 * L, kept.begin());
+        for (int64_t k = 1; k < K; ++k)
+          keep_better(score.data() + k * L, o.data() + k * 3 * L, static_cast<acc_t>(k), L, best.data(), which.data(),
+                      kept.data());
+        for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, kept.data() + a * L, C);
         for (int64_t c = 0; c < C; ++c) chosen[row * C + c] = static_cast<int64_t>(which[c]);
       }
     });
@@ -681,8 +685,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         copy_row(gp + p_at, from + a * L, C);
         if (gpc) copy_row(gpc + p_at, from + a * L, C);
         if (D == 1) {
-          acc_t shared = 0;
-          for (int64_t c = 0; c < C; ++c) shared += dfrom[a * L + c];
+          const acc_t shared = channel_sum(dfrom + a * L, C);
           gd[d_at] = shared;
           if (gdc) gdc[d_at] = shared;
         } else {
@@ -765,9 +768,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               if (gpc) add_row(at_row(gpc_graph, i, a), from, L);
               if (gdc) {
                 if (D == 1) {
-                  acc_t shared = 0;
-                  for (int64_t c = 0; c < C; ++c) shared += dfrom[c];
-                  at_row(gdc_graph, i, a)[0] += shared;
+                  at_row(gdc_graph, i, a)[0] += channel_sum(dfrom, C);
                 } else {
                   add_row(at_row(gdc_graph, i, a), dfrom, L);
                 }
