@@ -107,8 +107,8 @@ class Variant:
         self.inputs = recipes.make_inputs(batch, info)
         torch.manual_seed(seed)
         self.model = recipes.build_model(config, info).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr or 1e-3,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = recipes.make_optimizer(self.model.parameters(), lr=config.lr or 1e-3,
+                                                weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.clock: Optional[StageClock] = None
         self.call = self.model

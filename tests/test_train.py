@@ -17,7 +17,7 @@ from lps_fast.train import TrainConfig, evaluate_checkpoint, resolve, train
 from lps_fast.train import compare as compare_lib
 from lps_fast.train import trainer
 from lps_fast.train.plot import plot_runs, read_log
-from lps_fast.train.recipes import Meter, class_balanced_weights, get_recipe
+from lps_fast.train.recipes import Meter, class_balanced_weights, get_recipe, make_optimizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_DISTRIBUTION = dict(dist_width=16, dist_layers=1)
@@ -119,6 +119,28 @@ def test_learning_rate_schedule(schedule):
     assert factor(0.0) == 0.0 and factor(0.05) == pytest.approx(0.5) and factor(0.1) == pytest.approx(1.0)
     assert factor(1.0) == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-12)
     assert factor(0.5) <= 1.0
+
+
+def test_optimizer_is_fused_adamw_with_the_loops_update():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    fused_params = [torch.randn(s, requires_grad=True) for s in shapes]
+    loop_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    fused = make_optimizer(fused_params, lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(loop_params, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for params, optimizer in ((fused_params, fused), (loop_params, loop)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(fused_params, loop_params):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # parameters without a fused kernel get the loop
+    for other in (torch.empty(3, device="meta"), torch.empty(3, dtype=torch.complex64)):
+        assert not make_optimizer([other.requires_grad_()], lr=1e-3).defaults["fused"]
 
 
 def test_weighted_accuracy_is_the_mean_of_class_recalls():

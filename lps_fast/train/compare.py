@@ -29,7 +29,7 @@ from lps_fast import allocator
 from .config import TrainConfig, format_duration
 from .distributed import world_size_from_env
 from .plot import read_log
-from .recipes import build_model, get_recipe, load_splits, make_inputs, resolve, task_loss
+from .recipes import build_model, get_recipe, load_splits, make_inputs, make_optimizer, resolve, task_loss
 from .trainer import train, write_json
 
 # The main job's settings: the task's CPU defaults (the paper's data sizes, batch, learning rate
@@ -210,7 +210,7 @@ def time_training_step(config: TrainConfig, backend: str, repeats: int = 5, batc
     splits = splits or load_splits(config)
     torch.manual_seed(config.seed)
     model = build_model(config, splits.info).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
     size = min(batch_size or config.batch_size, len(splits.train))
     batch = splits.train.batch(list(range(size)))
     inputs = make_inputs(batch, splits.info)

@@ -47,7 +47,7 @@ from lps_fast import groups as group_lib
 from . import distributed
 from .config import TrainConfig, format_duration
 from .recipes import (ISOMORPHISM_THRESHOLD, Meter, Recipe, build_model, get_recipe, load_splits, make_inputs,
-                      resolve, task_loss)
+                      make_optimizer, resolve, task_loss)
 
 CHECKPOINT_FORMAT = 1
 
@@ -499,7 +499,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> RunResult:
         model = nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
             find_unused_parameters=_has_unused_parameters(raw_model, recipe, info, splits.train))
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_indices = _indices(splits.train, config.limit)
     sampler = torch.utils.data.DistributedSampler(
         train_indices, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
