@@ -604,6 +604,7 @@ class _WholeNetwork(torch.autograd.Function):
             points, mask, list(params), net._running_buffers(), keeps, net.neighbours, slope, eps, momentum,
             net.training, net.with_scores)
         ctx.settings = (net.neighbours, slope, eps, net.training, net.with_scores)
+        ctx.device_type = points.device.type
         ctx.count = len(params)
         ctx.save_for_backward(points, mask, *keeps, *params, *saved)
         ctx.mark_non_differentiable(*([] if net.with_scores else [scores]))
@@ -613,6 +614,11 @@ class _WholeNetwork(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_frame, grad_scores):
+        with torch.autocast(ctx.device_type, enabled=False):  # as the forward ran (see VNDGCNN.forward)
+            return _WholeNetwork._backward(ctx, grad_frame, grad_scores)
+
+    @staticmethod
+    def _backward(ctx, grad_frame, grad_scores):
         points, mask, keep1, keep2, *rest = ctx.saved_tensors
         params, saved = rest[:ctx.count], rest[ctx.count:]
         neighbours, slope, eps, training, scores = ctx.settings
@@ -769,6 +775,13 @@ class VNDGCNN(nn.Module):
         return _mask_vectors(pool(conv(features, valid), dim=2, valid=valid), mask)
 
     def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        device = points.device.type
+        if torch.is_autocast_enabled(device) and fused_vn_available(points):
+            # The fused kernels compute in their input's dtype, and under autocast the linear maps
+            # around them (the heads, the kNN distances inside the whole-network op) would hand
+            # them bfloat16 or float16 values: the network runs in the input's dtype instead.
+            with torch.autocast(device, enabled=False):
+                return self.forward(points, mask)
         settings = self._whole_network_serves(points, mask)
         if settings:
             keeps = [_dropout_keep(points.shape[:2] + (1, self.conv1.linear.out_features), self.dropout, points)

@@ -138,6 +138,20 @@ def test_autocast_bfloat16_forward_and_backward(kind, group, backend):
     assert any(name.startswith("distribution.") for name in grads), "no gradient reached the distribution"
 
 
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_autocast_bfloat16_with_the_vn_dgcnn_distribution(backend):
+    """The n-body task's network: on the fast path its kernels compute in float32 inside autocast."""
+    distribution = D.Learned(node_dim=2, edge_dim=1, point_channels=2, network="vn-dgcnn", hidden=24)
+    m = model("SnxE3", kinds=("vector", "position"), backend=backend, distribution=distribution)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux = m(inputs())
+        total(out, aux).backward()
+    assert all(torch.isfinite(value).all() for value in out.values())
+    grads = _grads(m)
+    assert any(name.startswith("distribution.") for name in grads), "no gradient reached the distribution"
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_autocast_frame_in_bfloat16_meets_float32_points():
     """Without jitter the frame comes out of the network in bfloat16 while the points are float32."""
     distribution = D.Learned(point_channels=2, node_dim=2, edge_dim=1, hidden=8, layers=1, frame_jitter=0.0)

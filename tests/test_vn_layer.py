@@ -136,6 +136,32 @@ def test_whole_network_kernel_matches_the_network_layer_by_layer(dtype, training
             _assert_agree(whole[3][name], buffer, dtype, f"buffer {name} vs {path}")
 
 
+# input_grad: the fused layers one by one, else the whole-network kernel; backward_inside: the
+# backward pass inside the autocast region too (PyTorch advises against it; the whole-network
+# kernel's backward turns autocast off all the same)
+@pytest.mark.parametrize("input_grad, backward_inside", [(False, False), (True, False), (False, True)])
+def test_vn_dgcnn_under_autocast_runs_in_its_input_dtype(input_grad, backward_inside):
+    # Under autocast the heads and the kNN distances would hand the float32 kernels bfloat16
+    # values (an error from inside the kernels): the network computes as without autocast.
+    net = VNDGCNN(2, hidden=24, dropout=0.0).train()
+    x, mask = _padded_points(torch.float32, masked=True)
+    results = []
+    for autocast in (False, True):
+        model = copy.deepcopy(net)
+        inputs = x.clone().requires_grad_(input_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            frame, scores = model(inputs, mask)
+            loss = (frame * torch.linspace(-1, 1, frame.numel()).view(frame.shape)).sum() + scores.pow(2).sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        assert frame.dtype == scores.dtype == torch.float32
+        results.append([frame, scores] + [p.grad for p in model.parameters()] + ([inputs.grad] if input_grad else []))
+    for plain, autocast in zip(*results):
+        torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
 def test_whole_network_kernel_serves_inputs_without_gradient_on_the_default_backend(monkeypatch):
     calls = []
     kernel = torch.ops.lps_fast.vn_dgcnn
