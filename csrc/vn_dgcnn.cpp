@@ -257,16 +257,192 @@ std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tens
 }
 #pragma GCC pop_options
 
-at::Tensor expanded_index(const at::Tensor& index, const at::Tensor& x) {
-  return index.view({x.size(0), 1, 1, x.size(3)}).expand({x.size(0), 1, 3, x.size(3)});
+// The frame pool's backward: a zero (N, n, 3, C) gradient of x1 holding, per graph and channel,
+// the pooled vectors' gradient at the node the pool kept (a scatter-add into zeros as ATen calls
+// was a fill, an index expansion and a strided scatter: 0.1 ms; one write per channel here).
+at::Tensor frame_pool_backward(const at::Tensor& g_pooled, const at::Tensor& index, int64_t n) {
+  const int64_t N = g_pooled.size(0), C = g_pooled.size(2);
+  at::Tensor g_x1 = at::zeros({N, n, 3, C}, g_pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(g_pooled.scalar_type(), "vn_dgcnn_frame_pool_backward", [&] {
+    const scalar_t* from = g_pooled.const_data_ptr<scalar_t>();  // (N, 3, C), contiguous
+    const int64_t* kept = index.const_data_ptr<int64_t>();  // (N, C), checked to lie in [0, n)
+    scalar_t* to = g_x1.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int a = 0; a < 3; ++a)
+          for (int64_t c = 0; c < C; ++c) to[((b * n + kept[b * C + c]) * 3 + a) * C + c] = from[(b * 3 + a) * C + c];
+    });
+  });
+  return g_x1;
 }
 
-// The mean over the real nodes (_masked_node_mean of nn.py).
-at::Tensor node_mean(const at::Tensor& x, const at::Tensor& mask) {
-  if (!mask.defined()) return x.mean(1);
-  const at::Tensor m = mask.to(x.scalar_type()).view({mask.size(0), mask.size(1), 1, 1});
-  return (x * m).sum(1) / m.sum(1).clamp_min(1.0);
+// ---- the glue between the layers, as loops ------------------------------------------------
+// Each of these was a few ATen calls on (N, n, 3, C) tensors, some of them strided: a sum over
+// the nodes, a broadcast, a product, an add, each a pass with its own dispatch (0.1 to 0.4 ms
+// apiece at the n-body size, about a per-node layer's kernel). Products are rounded before they
+// are added (contraction off), as the separate ATen calls rounded them.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// A (N, n, 3, C) view with a unit last stride, for the loops below.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t s0, s1, s2;
+  Rows(const at::Tensor& t, T* p) : data(p), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {
+    TORCH_INTERNAL_ASSERT(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1));
+  }
+  T* at(int64_t b, int64_t i, int64_t a) const { return data + b * s0 + i * s1 + a * s2; }
+};
+
+// Rows of C elements that never overlap (restrict: no alias checks around loops this short).
+template <typename T>
+inline void add_into(T* __restrict__ to, const T* __restrict__ x, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) to[c] += x[c];
 }
+template <typename T>
+inline void sum_into(T* __restrict__ to, const T* __restrict__ x, const T* __restrict__ y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) to[c] = x[c] + y[c];
+}
+template <typename T>
+inline void scale_into(T* __restrict__ to, const T* __restrict__ k, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) to[c] *= k[c];
+}
+template <typename T>
+inline void product_into(T* to, const T* x, const T* __restrict__ k, int64_t C) {  // to may be x
+  for (int64_t c = 0; c < C; ++c) to[c] = x[c] * k[c];
+}
+template <typename T>
+inline void add_product_into(T* __restrict__ to, const T* __restrict__ x, const T* __restrict__ k, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) to[c] += x[c] * k[c];
+}
+
+// x[..., C:2C] = the mean of x[..., :C] over the real nodes of each graph, at every node (the
+// context half of [x3, context]; _masked_node_mean of nn.py). The loop sums in node order, ATen's
+// mean in another: the two paths agree to rounding.
+void write_node_mean(const at::Tensor& x, int64_t C, const at::Tensor& mask) {
+  const int64_t N = x.size(0), n = x.size(1);
+  const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vn_dgcnn_node_mean", [&] {
+    const Rows<scalar_t> rows(x, x.mutable_data_ptr<scalar_t>());
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> mean(3 * C);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(mean.begin(), mean.end(), scalar_t(0));
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          if (valid && !valid[b * n + i]) continue;
+          ++count;
+          for (int a = 0; a < 3; ++a) add_into(mean.data() + a * C, rows.at(b, i, a), C);
+        }
+        const scalar_t denominator = static_cast<scalar_t>(std::max<int64_t>(count, 1));
+        for (scalar_t& value : mean) value /= denominator;
+        for (int64_t i = 0; i < n; ++i)
+          for (int a = 0; a < 3; ++a) std::copy(mean.begin() + a * C, mean.begin() + (a + 1) * C, rows.at(b, i, a) + C);
+      }
+    });
+  });
+}
+
+// The gradient of x3 from g_x = d/d[x3, context]: g_x[..., :C] plus, at each real node, the
+// context's gradient summed over every node of the graph (each received the mean) divided by
+// the count of real nodes.
+at::Tensor context_backward(const at::Tensor& g_x, int64_t C, const at::Tensor& mask) {
+  const int64_t N = g_x.size(0), n = g_x.size(1);
+  const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  at::Tensor g_x3 = at::empty({N, n, 3, C}, g_x.options());
+  AT_DISPATCH_FLOATING_TYPES(g_x.scalar_type(), "vn_dgcnn_context_backward", [&] {
+    const Rows<const scalar_t> from(g_x, g_x.const_data_ptr<scalar_t>());
+    const Rows<scalar_t> to(g_x3, g_x3.mutable_data_ptr<scalar_t>());
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> share(3 * C);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(share.begin(), share.end(), scalar_t(0));
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          count += !valid || valid[b * n + i];
+          for (int a = 0; a < 3; ++a) add_into(share.data() + a * C, from.at(b, i, a) + C, C);
+        }
+        const scalar_t denominator = static_cast<scalar_t>(std::max<int64_t>(count, 1));
+        for (scalar_t& value : share) value /= denominator;
+        for (int64_t i = 0; i < n; ++i) {
+          const bool real = !valid || valid[b * n + i];
+          for (int a = 0; a < 3; ++a) {
+            const scalar_t* row = from.at(b, i, a);
+            scalar_t* out = to.at(b, i, a);
+            if (real) {
+              sum_into(out, row, share.data() + a * C, C);
+            } else {
+              std::copy(row, row + C, out);
+            }
+          }
+        }
+      }
+    });
+  });
+  return g_x3;
+}
+
+// x12's gradient is the score head's (g_head) plus conv3's (g_conv3): its first half is added to
+// g_x1, its second half, times keep2 where dropout ran, is returned (the gradient of conv2's output).
+at::Tensor split_x12_backward(const at::Tensor& g_head, const at::Tensor& g_conv3, const at::Tensor& keep2,
+                              at::Tensor& g_x1, int64_t C) {
+  const int64_t N = g_head.size(0), n = g_head.size(1);
+  at::Tensor g_x2 = at::empty({N, n, 3, C}, g_head.options());
+  AT_DISPATCH_FLOATING_TYPES(g_head.scalar_type(), "vn_dgcnn_split_x12_backward", [&] {
+    const Rows<const scalar_t> head(g_head, g_head.const_data_ptr<scalar_t>()),
+        conv3(g_conv3, g_conv3.const_data_ptr<scalar_t>());
+    const Rows<scalar_t> x1(g_x1, g_x1.mutable_data_ptr<scalar_t>()), x2(g_x2, g_x2.mutable_data_ptr<scalar_t>());
+    const scalar_t* keep = keep2.defined() ? keep2.const_data_ptr<scalar_t>() : nullptr;  // (N, n, 1, C)
+    at::parallel_for(0, N * n, 64, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sum(C);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / n, i = row % n;
+        for (int a = 0; a < 3; ++a) {
+          const scalar_t *h = head.at(b, i, a), *g = conv3.at(b, i, a);
+          sum_into(sum.data(), h, g, C);
+          add_into(x1.at(b, i, a), sum.data(), C);
+          sum_into(x2.at(b, i, a), h + C, g + C, C);
+          if (keep) scale_into(x2.at(b, i, a), keep + row * C, C);
+        }
+      }
+    });
+  });
+  return g_x2;
+}
+
+// out = v * keep (keep (N, n, 1, C) broadcast over xyz), or v scaled in place where out is v.
+void scale_by_keep(const at::Tensor& v, const at::Tensor& keep, const at::Tensor& out) {
+  const int64_t N = v.size(0), n = v.size(1), C = v.size(3);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "vn_dgcnn_scale_by_keep", [&] {
+    const Rows<const scalar_t> from(v, v.const_data_ptr<scalar_t>());
+    const Rows<scalar_t> to(out, out.mutable_data_ptr<scalar_t>());
+    const scalar_t* k = keep.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N * n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / n, i = row % n;
+        for (int a = 0; a < 3; ++a) product_into(to.at(b, i, a), from.at(b, i, a), k + row * C, C);
+      }
+    });
+  });
+}
+
+// g += v * keep (the gradient that reaches conv1's output through the dropout before conv2).
+void add_scaled_by_keep(at::Tensor& g, const at::Tensor& v, const at::Tensor& keep) {
+  const int64_t N = g.size(0), n = g.size(1), C = g.size(3);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "vn_dgcnn_add_scaled_by_keep", [&] {
+    const Rows<scalar_t> to(g, g.mutable_data_ptr<scalar_t>());
+    const Rows<const scalar_t> from(v, v.const_data_ptr<scalar_t>());
+    const scalar_t* k = keep.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N * n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / n, i = row % n;
+        for (int a = 0; a < 3; ++a) add_product_into(to.at(b, i, a), from.at(b, i, a), k + row * C, C);
+      }
+    });
+  });
+}
+#pragma GCC pop_options
 
 void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
@@ -379,8 +555,13 @@ void check_node_saved(const NodeSaved& e, const at::Tensor& points, const at::Te
 
 void check_dropout(at::TensorList dropout, const at::Tensor& points, int64_t C) {
   TORCH_CHECK_VALUE(dropout.size() == 2, "dropout must hold the two keep masks (empty: no dropout)");
-  for (const at::Tensor& keep : dropout)
-    if (keep.numel() > 0) check_shape(keep, {points.size(0), points.size(1), 1, C}, "a dropout mask");
+  for (const at::Tensor& keep : dropout) {
+    if (keep.numel() == 0) continue;
+    check_shape(keep, {points.size(0), points.size(1), 1, C}, "a dropout mask");
+    TORCH_CHECK_TYPE(keep.scalar_type() == points.scalar_type(), "a dropout mask must have the dtype of points (",
+                     points.scalar_type(), "), got ", keep.scalar_type());
+    check_same_device(points, "points", keep, "a dropout mask");
+  }
 }
 
 // An absent tensor travels as an empty one (Tensor[] cannot hold None).
@@ -403,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   }
   const Settings s{neighbours, slope, eps, momentum, training};
   std::vector<at::Tensor> running(running_list.begin(), running_list.end());
-  const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
+  const at::Tensor keep1 = present(dropout[0].contiguous()), keep2 = present(dropout[1].contiguous());
 
   // With scores the two edge convolutions write their halves of x12 = [x1, x2] (no concatenation).
   const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
@@ -411,10 +592,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   EdgeSaved conv1, conv2;
   const at::Tensor x1 = edge_forward(points, mask, &params[0], running[0], running[1], s, conv1,
                                      scores ? x12.narrow(3, 0, C) : at::Tensor());
-  const at::Tensor input2 = keep1.defined() ? x1 * keep1 : x1;
+  at::Tensor input2 = x1;
+  if (keep1.defined()) {
+    input2 = at::empty(x1.sizes(), x1.options());
+    scale_by_keep(x1, keep1, input2);
+  }
   at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2,
                                scores ? x12.narrow(3, C, C) : at::Tensor());
-  if (keep2.defined()) x2.mul_(keep2);
+  if (keep2.defined()) scale_by_keep(x2, keep2, x2);
   const auto [index, pooled] = frame_pool(x1, params[10], mask);  // [N, C], [N, 3, C]
   const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
 
@@ -428,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   NodeSaved conv3, std1, std2;
   const at::Tensor x = at::empty({N, n, 3, 2 * C}, points.options());  // [x3, its mean over the nodes]
   const at::Tensor x3 = node_forward(x12, flat_mask, &params[12], running[4], running[5], s, conv3, x.narrow(3, 0, C));
-  x.narrow(3, C, C).copy_(node_mean(x3, mask).unsqueeze(1).expand_as(x3));
+  write_node_mean(x, C, mask);
   const at::Tensor h1 = node_forward(x, flat_mask, &params[16], running[6], running[7], s, std1);
   const at::Tensor h2 = node_forward(h1, flat_mask, &params[20], running[8], running[9], s, std2);
   const at::Tensor local = at::linear(h2, params[24]);  // [N, n, 3, 3]: a frame per node
@@ -458,7 +643,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == (scores ? kFirstScores + 5 + 3 * kNodeSaved : kFirstScores),
                     "saved must be the list that vn_dgcnn returned for these arguments");
   const Settings s{neighbours, slope, eps, 0.0, training};
-  const at::Tensor keep1 = present(dropout[0]), keep2 = present(dropout[1]);
+  const at::Tensor keep1 = present(dropout[0].contiguous()), keep2 = present(dropout[1].contiguous());
   const int64_t N = points.size(0), n = points.size(1), C = params[0].size(0);
   if (scores) check_saved_shape(saved[kFirstScores], {N, n, 3, 2 * C}, points, "x12");
   const at::Tensor x1 = scores ? saved[kFirstScores].narrow(3, 0, C) : saved[0];
@@ -479,7 +664,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
   const at::Tensor g_frame = grad_frame.to(points.scalar_type());
   grads[11] = g_frame.reshape({-1, 3}).t().mm(pooled.reshape({-1, pooled.size(-1)}));
   const at::Tensor g_pooled = at::matmul(g_frame, params[11]);  // [N, 3, C]
-  at::Tensor g_x1 = at::zeros_like(x1).scatter_add_(1, expanded_index(index, x1), g_pooled.unsqueeze(1));
+  at::Tensor g_x1 = frame_pool_backward(g_pooled.contiguous(), index, n);
   at::Tensor g_x2;
 
   if (scores) {
@@ -514,23 +699,17 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
     }
     g_x.add_(std1_grads[0]);  // the score head's gradient is this op's own: summed in place
     // x = [x3, mean of x3 over the real nodes], C channels each
-    at::Tensor g_x3 = g_x.narrow(-1, 0, C);
-    const at::Tensor g_context = g_x.narrow(-1, C, C).sum(1);  // [N, 3, C]
-    if (mask.defined()) {
-      const at::Tensor m = mask.to(x.scalar_type()).view({mask.size(0), mask.size(1), 1, 1});
-      g_x3 = g_x3 + (g_context / m.sum(1).clamp_min(1.0)).unsqueeze(1) * m;
-    } else {
-      g_x3 = g_x3 + (g_context / static_cast<double>(x.size(1))).unsqueeze(1);
-    }
+    const at::Tensor g_x3 = context_backward(g_x, C, mask);
     auto conv3_grads = node_backward(g_x3, x12, flat_mask, &params[12], s, conv3);
     for (int i = 1; i < 5; ++i) grads[11 + i] = conv3_grads[i];
-    g_x12.add_(conv3_grads[0]);
-    g_x1.add_(g_x12.narrow(-1, 0, C));
-    g_x2 = g_x12.narrow(-1, C, C);
-    if (keep2.defined()) g_x2 = g_x2 * keep2;
+    g_x2 = split_x12_backward(g_x12, conv3_grads[0].contiguous(), keep2, g_x1, C);
     auto conv2_grads = edge_backward(g_x2, input2, mask, &params[5], s, conv2, /*input_grad=*/true);
     for (int i = 1; i < 5; ++i) grads[4 + i] = conv2_grads[i];
-    g_x1.add_(keep1.defined() ? conv2_grads[0].mul_(keep1) : conv2_grads[0]);  // a fresh product: scaled in place
+    if (keep1.defined()) {
+      add_scaled_by_keep(g_x1, conv2_grads[0], keep1);
+    } else {
+      g_x1.add_(conv2_grads[0]);
+    }
   }
   auto conv1_grads = edge_backward(g_x1, points, mask, &params[0], s, conv1, /*input_grad=*/false);
   for (int i = 1; i < 5; ++i) grads[i - 1] = conv1_grads[i];

@@ -26,6 +26,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include "cpu/vector512.h"
+#endif
+
 namespace lps_fast {
 namespace cpu {
 namespace {
@@ -107,10 +111,33 @@ inline void mix_rows(const T* coefficients, int64_t row_step, int64_t column_ste
 }
 
 // Three rows of `count` elements (row stride `count`) into a padded buffer of row stride `stride`
-// whose padding is already zero.
+// (whole vectors) whose padding is zero. With AVX-512 whole vectors, the last one loaded under a
+// mask and stored whole (its zeros over the padding), so the loops that read the rows next get
+// their values forwarded from the stores (std::copy called memmove per row of tens of elements).
 template <typename T>
 inline void copy_rows(const T* src, int64_t count, int64_t stride, T* dst) {
+#if defined(__AVX512F__)
+  using W = Vector512<T>;
+  for (int a = 0; a < 3; ++a)
+    for (int64_t c = 0; c < count; c += W::kLanes) W::store(dst + a * stride + c, W::load(W::first(count - c), src + a * count + c));
+#else
   for (int a = 0; a < 3; ++a) std::copy(src + a * count, src + (a + 1) * count, dst + a * stride);
+#endif
+}
+
+// The reverse: three padded rows into rows of `count` elements (the tail stored under a mask).
+template <typename T>
+inline void copy_rows_out(const T* src, int64_t stride, int64_t count, T* dst) {
+#if defined(__AVX512F__)
+  using W = Vector512<T>;
+  for (int a = 0; a < 3; ++a)
+    for (int64_t c = 0; c < count; c += W::kLanes) {
+      const auto lanes = W::first(count - c);
+      W::store(lanes, dst + a * count + c, W::load(src + a * stride + c));
+    }
+#else
+  for (int a = 0; a < 3; ++a) std::copy(src + a * stride, src + a * stride + count, dst + a * count);
+#endif
 }
 
 // A head weight block stored (channel, frame vector), c * 3 + e, as padded rows per frame vector.
@@ -259,7 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vn_score_
             const T* own = buf.coords_of(i);
             for (int64_t j = 0; j < 3 * Wp; ++j) count[j] += own[j] == best[j] ? T(1) : T(0);
           }
-          for (int64_t j = 0; j < 3 * Wp; ++j) share[j] = count[j] > 0 ? total * w_pooled[j] / count[j] : T(0);
+          // every lane divides (a coordinate no node reaches has count 0 and is never read: its
+          // share is only taken where a node's coordinate equals the max), so the loop vectorizes
+          for (int64_t j = 0; j < 3 * Wp; ++j) share[j] = total * w_pooled[j] / std::max(count[j], T(1));
           std::fill(g_pair_weight.begin(), g_pair_weight.end(), T(0));
           for (int64_t i = 0; i < n; ++i) {
             const int64_t row = b * n + i;
@@ -279,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vn_score_
             for (int64_t j = 0; j < 3 * Wp; ++j) g_coords[j] = own[j] == best[j] ? share[j] : T(0);
             // x: F g_coords, per xyz row
             mix_rows(F, 3, 1, g_coords.data(), Wp, buf.mixed.data());
-            for (int a = 0; a < 3; ++a) std::copy(buf.mixed.data() + a * Wp, buf.mixed.data() + a * Wp + W, gX + a * W);
+            copy_rows_out(buf.mixed.data(), Wp, W, gX);
             // pair: gi F u, per xyz row
             mix_rows(F, 3, 1, w_pair.data(), Vp, buf.mixed.data());
             for (int a = 0; a < 3; ++a)
