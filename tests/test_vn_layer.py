@@ -274,6 +274,7 @@ def test_whole_network_kernel_opcheck(scores):
     (lambda a: a.__setitem__(0, a[0].float()), TypeError, "dtype of points"),
     (lambda a: a.__setitem__(1, torch.ones(6, 5, dtype=torch.bool)), ValueError, "mask must have shape"),
     (lambda a: a.__setitem__(4, a[4][:1]), ValueError, "dropout must hold"),
+    (lambda a: a.__setitem__(4, [torch.ones(6, 7, 1, 8), a[4][1]]), TypeError, "dropout mask must have the dtype"),
     (lambda a: a.__setitem__(5, 0), ValueError, "neighbours must be at least 1"),
     (lambda a: a[2].__setitem__(2, a[2][2][:1]), ValueError, "norm weight must have shape"),
     (lambda a: a[2].__setitem__(25, a[2][25][:, :3]), ValueError, "score_head's weight must have shape"),
