@@ -116,9 +116,15 @@ def _default_provider(op: str, device_type: str) -> str:
 
 
 def resolve(op: str, device: torch.device) -> Provider:
-    """The provider that runs ``op`` on tensors of ``device`` under the current settings."""
+    """The provider that runs ``op`` on tensors of ``device`` under the current settings.
+
+    Inside a ``torch.func`` transform (``grad``, ``jacrev``, ...) the default is the reference
+    provider: the compiled providers' autograd is registered through ``torch.library``, which
+    those transforms refuse (a forced provider is kept, and fails there as it would)."""
     device_type = device.type
     forced = state.forced
+    if forced is None and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return providers["reference"]
     if forced is not None and _serves(forced, device_type):
         if not _offers(forced, op, device_type):
             raise RuntimeError(

@@ -119,6 +119,34 @@ def test_dynamic_compile_across_input_sizes_with_caller_noise():
             assert_close(out[name], expected[name], atol=1e-5, rtol=1e-5, name=f"{name} n={n}")
 
 
+def test_torch_func_grad_runs_the_reference_ops_and_matches_autograd():
+    """torch.func refuses the compiled providers' torch.library autograd; by default the ops step
+    over to the reference provider inside its transforms, whose gradients autograd's equal."""
+    m = model("SnxE3", kinds=("node", "vector"))
+    params = dict(m.named_parameters())
+    x = inputs()
+    noise = m.draw_noise(x, generator=torch.Generator().manual_seed(0))
+
+    def loss(p):
+        out, aux = torch.func.functional_call(m, p, (x,), {"noise": noise})
+        return total(out, aux)
+
+    grads = torch.func.grad(loss)(params)
+    with lps_fast.use_backend("reference"):
+        loss(params).backward()
+    assert any(name.startswith("distribution.") for name in grads)
+    for name, p in params.items():
+        assert_close(grads[name], p.grad if p.grad is not None else torch.zeros_like(p), rtol=0, atol=0, name=name)
+    # a provider forced by name is kept, and torch.func refuses it as before
+    perm = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(i)) for i in range(6)]).view(2, 3, 5)
+    soft = torch.rand(2, 3, 5, 5)
+    f = lambda s: lps_fast.ops.permute_nodes(x["nodes"], perm, s).pow(2).sum()  # noqa: E731
+    assert torch.func.grad(f)(soft).abs().sum() > 0
+    if "cpp" in lps_fast.backend_info()["providers"]:
+        with lps_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.grad(f)(soft)
+
+
 # ---------------------------------------------------------------------------------------------
 # autocast
 
