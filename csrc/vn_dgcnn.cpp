@@ -304,17 +304,10 @@ template <typename T>
 inline void sum_into(T* __restrict__ to, const T* __restrict__ x, const T* __restrict__ y, int64_t C) {
   for (int64_t c = 0; c < C; ++c) to[c] = x[c] + y[c];
 }
-template <typename T>
-inline void scale_into(T* __restrict__ to, const T* __restrict__ k, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) to[c] *= k[c];
-}
-template <typename T>
-inline void product_into(T* to, const T* x, const T* __restrict__ k, int64_t C) {  // to may be x
-  for (int64_t c = 0; c < C; ++c) to[c] = x[c] * k[c];
-}
-template <typename T>
-inline void add_product_into(T* __restrict__ to, const T* __restrict__ x, const T* __restrict__ k, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) to[c] += x[c] * k[c];
+// to = x * k, or with kAdd to += x * k; to may be x
+template <bool kAdd, typename T>
+inline void product_into(T* to, const T* x, const T* __restrict__ k, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) to[c] = kAdd ? to[c] + x[c] * k[c] : x[c] * k[c];
 }
 
 // x[..., C:2C] = the mean of x[..., :C] over the real nodes of each graph, at every node (the
@@ -403,7 +396,7 @@ at::Tensor split_x12_backward(const at::Tensor& g_head, const at::Tensor& g_conv
           sum_into(sum.data(), h, g, C);
           add_into(x1.at(b, i, a), sum.data(), C);
           sum_into(x2.at(b, i, a), h + C, g + C, C);
-          if (keep) scale_into(x2.at(b, i, a), keep + row * C, C);
+          if (keep) product_into<false>(x2.at(b, i, a), x2.at(b, i, a), keep + row * C, C);
         }
       }
     });
@@ -411,33 +404,19 @@ at::Tensor split_x12_backward(const at::Tensor& g_head, const at::Tensor& g_conv
   return g_x2;
 }
 
-// out = v * keep (keep (N, n, 1, C) broadcast over xyz), or v scaled in place where out is v.
-void scale_by_keep(const at::Tensor& v, const at::Tensor& keep, const at::Tensor& out) {
+// out = v * keep (keep (N, n, 1, C) broadcast over xyz; out may be v), or with kAdd out += v * keep
+// (the gradient that reaches conv1's output through the dropout before conv2).
+template <bool kAdd>
+void times_keep(const at::Tensor& v, const at::Tensor& keep, const at::Tensor& out) {
   const int64_t N = v.size(0), n = v.size(1), C = v.size(3);
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "vn_dgcnn_scale_by_keep", [&] {
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "vn_dgcnn_times_keep", [&] {
     const Rows<const scalar_t> from(v, v.const_data_ptr<scalar_t>());
     const Rows<scalar_t> to(out, out.mutable_data_ptr<scalar_t>());
     const scalar_t* k = keep.const_data_ptr<scalar_t>();
     at::parallel_for(0, N * n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
-        for (int a = 0; a < 3; ++a) product_into(to.at(b, i, a), from.at(b, i, a), k + row * C, C);
-      }
-    });
-  });
-}
-
-// g += v * keep (the gradient that reaches conv1's output through the dropout before conv2).
-void add_scaled_by_keep(at::Tensor& g, const at::Tensor& v, const at::Tensor& keep) {
-  const int64_t N = g.size(0), n = g.size(1), C = g.size(3);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "vn_dgcnn_add_scaled_by_keep", [&] {
-    const Rows<scalar_t> to(g, g.mutable_data_ptr<scalar_t>());
-    const Rows<const scalar_t> from(v, v.const_data_ptr<scalar_t>());
-    const scalar_t* k = keep.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N * n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / n, i = row % n;
-        for (int a = 0; a < 3; ++a) add_product_into(to.at(b, i, a), from.at(b, i, a), k + row * C, C);
+        for (int a = 0; a < 3; ++a) product_into<kAdd>(to.at(b, i, a), from.at(b, i, a), k + row * C, C);
       }
     });
   });
@@ -595,11 +574,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   at::Tensor input2 = x1;
   if (keep1.defined()) {
     input2 = at::empty(x1.sizes(), x1.options());
-    scale_by_keep(x1, keep1, input2);
+    times_keep<false>(x1, keep1, input2);
   }
   at::Tensor x2 = edge_forward(input2, mask, &params[5], running[2], running[3], s, conv2,
                                scores ? x12.narrow(3, C, C) : at::Tensor());
-  if (keep2.defined()) scale_by_keep(x2, keep2, x2);
+  if (keep2.defined()) times_keep<false>(x2, keep2, x2);
   const auto [index, pooled] = frame_pool(x1, params[10], mask);  // [N, C], [N, 3, C]
   const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
 
@@ -706,7 +685,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
     auto conv2_grads = edge_backward(g_x2, input2, mask, &params[5], s, conv2, /*input_grad=*/true);
     for (int i = 1; i < 5; ++i) grads[4 + i] = conv2_grads[i];
     if (keep1.defined()) {
-      add_scaled_by_keep(g_x1, conv2_grads[0], keep1);
+      times_keep<true>(conv2_grads[0], keep1, g_x1);
     } else {
       g_x1.add_(conv2_grads[0]);
     }
