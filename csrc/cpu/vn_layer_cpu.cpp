@@ -358,55 +358,111 @@ struct BackwardConstants {
   acc_t keep;
 };
 
-// The backward of one entry, all L lanes, for the upstream gradient gout (3 x L; zero in the
-// channels that receive none). Every lane computes the same straight-line code (selects, no
-// branches) so that the loop vectorizes. With kFull false only gy (the gradient reaching the
-// batch-norm output) and xhat are written; with kFull also the gradients of p and d, including
-// the batch statistics' terms from k.mean_gx / k.mean_gxx.
+// Helpers of the per-lane formulas below, for one lane (a scalar) or a GCC vector of lanes.
+template <typename V>
+inline V lane_sqrt(V x) { return std::sqrt(x); }
+template <typename V>
+inline V lane_max(V a, V b) { return std::max(a, b); }
+template <typename V>
+inline V where_negative(V c, V x) { return c < 0 ? x : V(0); }  // a select, not a branch
+template <typename V>
+inline V where_positive(V c, V x) { return c > 0 ? x : V(0); }
+#if defined(__AVX512F__)
+template <>
+inline __m512 lane_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+template <>
+inline __m512d lane_sqrt(__m512d x) { return _mm512_sqrt_pd(x); }
+template <>
+inline __m512 lane_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+template <>
+inline __m512d lane_max(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+template <>
+inline __m512 where_negative(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_LT_OQ), x); }
+template <>
+inline __m512d where_negative(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), x); }
+template <>
+inline __m512 where_positive(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
+template <>
+inline __m512d where_positive(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_GT_OQ), x); }
+#endif
+
+// The backward of one entry in one lane or a vector of lanes V (the same expressions either way):
+// from p, d and the upstream gradient g (xyz each) and the lane's batch-norm constants, gy (the
+// gradient reaching the batch-norm output) and xhat, and with kFull also the gradients of p and d,
+// including the batch statistics' terms from mean_gx / mean_gxx.
+template <typename V>
+struct LaneConstants {
+  V mean, invstd, gamma, beta, mean_gx, mean_gxx;
+};
+template <typename V>
+struct EntryGradient {
+  V gy, xhat, gp[3], gd[3];
+};
+template <bool kFull, typename T, typename V>
+inline EntryGradient<V> entry_gradient(const V (&p)[3], const V (&d)[3], const V (&g)[3], const LaneConstants<V>& k,
+                                       T keep) {
+  const T veps = static_cast<T>(kVectorEps);
+  EntryGradient<V> r;
+  const V norm = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+  const V l = norm + veps;
+  const V inv_l = T(1) / l;
+  r.xhat = (l - k.mean) * k.invstd;
+  const V y = r.xhat * k.gamma + k.beta;
+  const V ratio = y * inv_l;
+  const V q[3] = {p[0] * ratio, p[1] * ratio, p[2] * ratio};
+  const V dot = q[0] * d[0] + q[1] * d[1] + q[2] * d[2];
+  const V inv_dd = T(1) / (d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + veps);
+  const V gdot = g[0] * d[0] + g[1] * d[1] + g[2] * d[2];
+  // out = q - keep * (q.d) d / dd where q.d < 0
+  const V bent = where_negative(dot, V{} + keep);
+  const V along = bent * gdot * inv_dd;
+  const V gq[3] = {g[0] - along * d[0], g[1] - along * d[1], g[2] - along * d[2]};
+  const V gqp = gq[0] * p[0] + gq[1] * p[1] + gq[2] * p[2];
+  r.gy = gqp * inv_l;
+  if constexpr (kFull) {
+    const V a1 = -bent * dot * inv_dd;  // coefficient of g
+    const V a2 = -along;  // of q
+    const V a3 = T(2) * bent * dot * gdot * inv_dd * inv_dd;  // of d
+    for (int a = 0; a < 3; ++a) r.gd[a] = a1 * g[a] + a2 * q[a] + a3 * d[a];
+    const V gl = -r.gy * ratio + k.invstd * (k.gamma * r.gy - k.mean_gx - r.xhat * k.mean_gxx);
+    // d l / d p = p / |p|, zero at p = 0
+    const V scale = where_positive(norm, gl / lane_max(norm, V{} + std::numeric_limits<T>::min()));
+    for (int a = 0; a < 3; ++a) r.gp[a] = gq[a] * ratio + scale * p[a];
+  }
+  return r;
+}
+
+// entry_gradient of one entry, all L lanes, from buffers (3 rows of L lanes each; gout zero in the
+// channels that receive none). Every lane computes the same straight-line code so that the loop
+// vectorizes. With kFull false only gy and xhat are written.
 template <bool kFull, typename acc_t>
 __attribute__((noinline)) void entry_backward(const acc_t* pv, const acc_t* dv, const acc_t* gout, const BackwardConstants<acc_t>& k,
                            int64_t L, acc_t* __restrict__ gy_out, acc_t* __restrict__ xhat_out, acc_t* __restrict__ gp,
                            acc_t* __restrict__ gd) {
-  const acc_t veps = static_cast<acc_t>(kVectorEps);
-  const acc_t keep = k.keep;
 #pragma GCC ivdep
   for (int64_t c = 0; c < L; ++c) {
-    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
-    const acc_t dx = dv[c], dy = dv[L + c], dz = dv[2 * L + c];
-    const acc_t gx = gout[c], gyv = gout[L + c], gz = gout[2 * L + c];
-    const acc_t norm = std::sqrt(px * px + py * py + pz * pz);
-    const acc_t l = norm + veps;
-    const acc_t inv_l = acc_t(1) / l;
-    const acc_t xhat = (l - k.mean[c]) * k.invstd[c];
-    const acc_t y = xhat * k.gamma[c] + k.beta[c];
-    const acc_t ratio = y * inv_l;
-    const acc_t qx = px * ratio, qy = py * ratio, qz = pz * ratio;
-    const acc_t dot = qx * dx + qy * dy + qz * dz;
-    const acc_t inv_dd = acc_t(1) / (dx * dx + dy * dy + dz * dz + veps);
-    const acc_t gdot = gx * dx + gyv * dy + gz * dz;
-    // out = q - keep * (q.d) d / dd where q.d < 0
-    const acc_t bent = dot < 0 ? keep : acc_t(0);
-    const acc_t along = bent * gdot * inv_dd;
-    const acc_t gqx = gx - along * dx, gqy = gyv - along * dy, gqz = gz - along * dz;
-    const acc_t gqp = gqx * px + gqy * py + gqz * pz;
-    const acc_t gy = gqp * inv_l;
-    gy_out[c] = gy;
-    xhat_out[c] = xhat;
+    const acc_t p[3] = {pv[c], pv[L + c], pv[2 * L + c]}, d[3] = {dv[c], dv[L + c], dv[2 * L + c]},
+                g[3] = {gout[c], gout[L + c], gout[2 * L + c]};
+    const auto r = entry_gradient<kFull>(p, d, g, LaneConstants<acc_t>{k.mean[c], k.invstd[c], k.gamma[c], k.beta[c],
+                                                                       k.mean_gx[c], k.mean_gxx[c]}, k.keep);
+    gy_out[c] = r.gy;
+    xhat_out[c] = r.xhat;
     if constexpr (kFull) {
-      const acc_t a1 = -bent * dot * inv_dd;  // coefficient of gout
-      const acc_t a2 = -along;  // of q
-      const acc_t a3 = 2 * bent * dot * gdot * inv_dd * inv_dd;  // of d
-      gd[c] = a1 * gx + a2 * qx + a3 * dx;
-      gd[L + c] = a1 * gyv + a2 * qy + a3 * dy;
-      gd[2 * L + c] = a1 * gz + a2 * qz + a3 * dz;
-      const acc_t gl = -gy * ratio + k.invstd[c] * (k.gamma[c] * gy - k.mean_gx[c] - xhat * k.mean_gxx[c]);
-      // d l / d p = p / |p|, zero at p = 0
-      const acc_t scale = norm > 0 ? gl / std::max(norm, std::numeric_limits<acc_t>::min()) : acc_t(0);
-      gp[c] = gqx * ratio + scale * px;
-      gp[L + c] = gqy * ratio + scale * py;
-      gp[2 * L + c] = gqz * ratio + scale * pz;
+      for (int a = 0; a < 3; ++a) {
+        gp[a * L + c] = r.gp[a];
+        gd[a * L + c] = r.gd[a];
+      }
     }
   }
+}
+
+// gl / |p| of statistics_backward in one lane or a vector of lanes V (zero at p = 0).
+template <typename T, typename V>
+inline V statistics_scale(const V (&p)[3], V mean, V invstd, V mean_gx, V mean_gxx) {
+  const V norm = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+  const V xhat = (norm + static_cast<T>(kVectorEps) - mean) * invstd;
+  const V gl = -invstd * (mean_gx + xhat * mean_gxx);
+  return where_positive(norm, gl / lane_max(norm, V{} + std::numeric_limits<T>::min()));
 }
 
 // The gradient of p of one entry through the batch statistics alone (every lane):
@@ -414,19 +470,82 @@ __attribute__((noinline)) void entry_backward(const acc_t* pv, const acc_t* dv, 
 // entries get besides the selected neighbour's upstream gradient.
 template <typename acc_t>
 __attribute__((noinline)) void statistics_backward(const acc_t* pv, const BackwardConstants<acc_t>& k, int64_t L, acc_t* __restrict__ gp) {
-  const acc_t veps = static_cast<acc_t>(kVectorEps);
 #pragma GCC ivdep
   for (int64_t c = 0; c < L; ++c) {
-    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
-    const acc_t norm = std::sqrt(px * px + py * py + pz * pz);
-    const acc_t xhat = (norm + veps - k.mean[c]) * k.invstd[c];
-    const acc_t gl = -k.invstd[c] * (k.mean_gx[c] + xhat * k.mean_gxx[c]);
-    const acc_t scale = norm > 0 ? gl / std::max(norm, std::numeric_limits<acc_t>::min()) : acc_t(0);
-    gp[c] = scale * px;
-    gp[L + c] = scale * py;
-    gp[2 * L + c] = scale * pz;
+    const acc_t p[3] = {pv[c], pv[L + c], pv[2 * L + c]};
+    const acc_t scale = statistics_scale<acc_t>(p, k.mean[c], k.invstd[c], k.mean_gx[c], k.mean_gxx[c]);
+    for (int a = 0; a < 3; ++a) gp[a * L + c] = scale * p[a];
   }
 }
+
+#if defined(__AVX512F__)
+// An edge convolution's batch-statistics pass (statistics_backward for every entry of graphs
+// [begin, end)) with each entry in registers: kBlocks vectors cover the C channels. The per-entry
+// form wrote every entry's gradient to a buffer and read it back twice (its neighbour's row and
+// its centre's), half the backward's time in loads waiting on those stores. Here the centre's sum
+// stays in registers over the node's K entries, and the neighbours' rows are summed in a graph
+// buffer of whole vectors (row (j, a) at (j * 3 + a) * kBlocks * kLanes), in the same order of
+// additions as the per-entry form.
+template <int kBlocks, typename T>
+void edge_statistics_pass(const Vectors<T>& p, const Vectors<T>& p_centre, const int64_t* nbr, const bool* valid,
+                          const BackwardConstants<T>& k, int64_t n, int64_t K, int64_t C, int64_t begin, int64_t end,
+                          T* gp, T* gpc, int64_t p_graph, int64_t p_node, int64_t p_row) {
+  using W = Vector512<T>;
+  using Vec = typename W::Vec;
+  constexpr int64_t S = kBlocks * W::kLanes;
+  typename W::Mask tail[kBlocks];
+  Vec mean[kBlocks], invstd[kBlocks], mean_gx[kBlocks], mean_gxx[kBlocks];
+  for (int v = 0; v < kBlocks; ++v) {
+    tail[v] = W::first(C - v * W::kLanes);
+    mean[v] = W::load(tail[v], k.mean + v * W::kLanes);
+    invstd[v] = W::load(tail[v], k.invstd + v * W::kLanes);
+    mean_gx[v] = W::load(tail[v], k.mean_gx + v * W::kLanes);
+    mean_gxx[v] = W::load(tail[v], k.mean_gxx + v * W::kLanes);
+  }
+  std::vector<T> graph(n * 3 * S);
+  for (int64_t b = begin; b < end; ++b) {
+    std::fill(graph.begin(), graph.end(), T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = b * n + i;
+      if (valid && !valid[row]) continue;
+      Vec centre[3][kBlocks], sum[3][kBlocks];
+      for (int a = 0; a < 3; ++a)
+        for (int v = 0; v < kBlocks; ++v) {
+          centre[a][v] = p_centre ? W::load(tail[v], p_centre.at(b, i, a) + v * W::kLanes) : W::zero();
+          sum[a][v] = W::zero();
+        }
+      for (int64_t e = 0; e < K; ++e) {
+        const int64_t j = nbr[row * K + e];
+        T* to = graph.data() + j * 3 * S;
+        for (int v = 0; v < kBlocks; ++v) {
+          Vec x[3];
+          for (int a = 0; a < 3; ++a)
+            x[a] = W::add(W::load(tail[v], p.at(b, j, a) + v * W::kLanes), centre[a][v]);
+          const Vec scale = statistics_scale<T>(x, mean[v], invstd[v], mean_gx[v], mean_gxx[v]);  // 0 past C
+          for (int a = 0; a < 3; ++a) {
+            const Vec g = scale * x[a];
+            T* at = to + a * S + v * W::kLanes;
+            W::store(at, W::add(W::load(at), g));
+            sum[a][v] = W::add(sum[a][v], g);
+          }
+        }
+      }
+      if (!gpc) continue;
+      for (int a = 0; a < 3; ++a)
+        for (int v = 0; v < kBlocks; ++v) {
+          T* at = gpc + b * p_graph + i * p_node + a * p_row + v * W::kLanes;
+          W::store(tail[v], at, W::add(W::load(tail[v], at), sum[a][v]));
+        }
+    }
+    for (int64_t j = 0; j < n; ++j)
+      for (int a = 0; a < 3; ++a)
+        for (int v = 0; v < kBlocks; ++v) {
+          T* at = gp + b * p_graph + j * p_node + a * p_row + v * W::kLanes;
+          W::store(tail[v], at, W::add(W::load(tail[v], at), W::load(graph.data() + (j * 3 + a) * S + v * W::kLanes)));
+        }
+  }
+}
+#endif
 
 struct Shape {
   int64_t N, n, K, C, D;
@@ -441,6 +560,8 @@ inline int64_t lanes(int64_t C) { return (C + 7) / 8 * 8; }
 // past a row's L lanes: into the next row (rewritten afterwards, or rewritten unchanged), and
 // past the last row into this much slack at the end of the buffer.
 constexpr int64_t kSlack = 16;
+// The register forms of the edge backward serve up to this many vectors of channels.
+constexpr int64_t kMaxBlocks = 3;
 
 
 }  // namespace
@@ -707,8 +828,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const BackwardConstants<acc_t> plain{mean.data(), invstd.data(), gamma.data(), beta.data(),
                                          no_stats.data(), no_stats.data(), keep};
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)), gy(L),
-          xhat(L), gpe(3 * L + kSlack), gde(3 * L + kSlack);  // the scatter reads them a whole vector at a time
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), gout(3 * L, acc_t(0)),
+          gy(L + kSlack), xhat(L + kSlack), gpe(3 * L + kSlack), gde(3 * L + kSlack);  // the scatter reads them a whole vector at a time
       // An edge convolution's graph: row (j, a) at (j * 3 + a) * L; a shared direction's gradient in lane 0
       const int64_t graph_lanes = chosen ? n * 3 * L : 0;
       std::vector<acc_t> gp_graph(graph_lanes + kSlack), gd_graph(graph_lanes + kSlack),
@@ -740,6 +861,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at_row(gd_graph, j, a)[D == 1 ? 0 : c] += dfrom[c];
         }
       };
+#if defined(__AVX512F__)
+      // An edge convolution's receiving entry with each block of lanes in registers, from its
+      // gather to its scatter (D == C, C <= kMaxBlocks * W::kLanes). Through the entry buffers of
+      // the form above, each step's loads waited on the previous step's stores: 1.x as long.
+      using W = Vector512<acc_t>;
+      using Vec = typename W::Vec;
+      auto backward_in_registers = [&](int64_t b, int64_t i, int64_t row) {
+        selection.fill(chosen + row * C);
+        const int64_t* neighbours_of_i = nbr + row * K;
+        for (int64_t v = 0; v < selection.blocks; ++v) {
+          const int64_t c0 = v * W::kLanes;
+          const auto tail = W::first(C - c0);
+          Vec pe[3], de[3], ge[3];
+          for (int a = 0; a < 3; ++a) {
+            Vec ps = W::zero(), ds = W::zero();
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t j = neighbours_of_i[k];
+              ps = W::load(ps, selection.lanes(k, v), reader.p.at(b, j, a) + c0);
+              ds = W::load(ds, selection.lanes(k, v), reader.d.at(b, j, a) + c0);
+            }
+            pe[a] = reader.p_centre ? W::add(ps, W::load(tail, reader.p_centre.at(b, i, a) + c0)) : ps;
+            de[a] = reader.d_centre ? W::add(ds, W::load(tail, reader.d_centre.at(b, i, a) + c0)) : ds;
+            ge[a] = W::load(tail, upstream + row * 3 * C + a * C + c0);
+          }
+          const LaneConstants<Vec> constants{W::load(tail, mean.data() + c0),  W::load(tail, invstd.data() + c0),
+                                             W::load(tail, gamma.data() + c0), W::load(tail, beta.data() + c0),
+                                             W::zero(),                        W::zero()};
+          const auto r = entry_gradient<true>(pe, de, ge, constants, keep);
+          W::store(gy.data() + c0, r.gy);
+          W::store(xhat.data() + c0, r.xhat);
+          for (int a = 0; a < 3; ++a) {
+            for (int64_t k = 0; k < K; ++k) {
+              acc_t* gp_row = at_row(gp_graph, neighbours_of_i[k], a) + c0;
+              acc_t* gd_row = at_row(gd_graph, neighbours_of_i[k], a) + c0;
+              W::store(gp_row, W::add(selection.lanes(k, v), W::load(gp_row), r.gp[a]));
+              W::store(gd_row, W::add(selection.lanes(k, v), W::load(gd_row), r.gd[a]));
+            }
+            // the node's own centre terms receive only this entry: stored, lanes past C kept
+            if (gpc) W::store(tail, at_row(gpc_graph, i, a) + c0, r.gp[a]);
+            if (gdc) W::store(tail, at_row(gdc_graph, i, a) + c0, r.gd[a]);
+          }
+        }
+      };
+      const bool in_registers = chosen && D == C && C <= kMaxBlocks * W::kLanes;
+#else
+      const bool in_registers = false;
+#endif
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         double* sum_gy = partial.data() + chunk * 2 * C;
         double* sum_gyx = sum_gy + C;
@@ -750,13 +918,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t i = 0; i < n; ++i) {
             const int64_t row = b * n + i;
             if (skipped(row)) continue;
-            read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
-            entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
-                                 gde.data());
+#if defined(__AVX512F__)
+            if (in_registers) {
+              backward_in_registers(b, i, row);
+            } else
+#endif
+            {
+              read_receiving(b, i, row, selection, pv.data(), dv.data(), gout.data());
+              entry_backward<true>(pv.data(), dv.data(), gout.data(), plain, L, gy.data(), xhat.data(), gpe.data(),
+                                   gde.data());
+            }
             for (int64_t c = 0; c < C; ++c) {
               sum_gy[c] += gy[c];
               sum_gyx[c] += gy[c] * xhat[c];
             }
+            if (in_registers) continue;
             if (!chosen) {
               write_node_gradients(b, i, gpe.data(), gde.data());
               continue;
@@ -835,7 +1011,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // An edge convolution in training: every entry's gradient through the batch statistics,
     // summed per graph in padded local rows as in pass 1 and added to the outputs once.
     if (!training) return;
-    at::parallel_for(0, s.N, std::max<int64_t>(1, 2048 / (n * K * C + 1)), [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 2048 / (n * K * C + 1));
+#if defined(__AVX512F__)
+    using W = Vector512<acc_t>;
+    if (C <= kMaxBlocks * W::kLanes) {
+      at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+        auto pass = C <= W::kLanes       ? edge_statistics_pass<1, acc_t>
+                    : C <= 2 * W::kLanes ? edge_statistics_pass<2, acc_t>
+                                         : edge_statistics_pass<3, acc_t>;
+        pass(reader.p, reader.p_centre, nbr, valid, with_stats, n, K, C, begin, end, gp, gpc, p_graph, p_node, p_row);
+      });
+      return;
+    }
+#endif
+    at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
       const int64_t graph_lanes = n * 3 * L;
       std::vector<acc_t> gp_graph(graph_lanes), gpc_graph(gpc ? graph_lanes : 0);
