@@ -42,6 +42,7 @@ struct Vector512<float> {
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec broadcast(float x) { return _mm512_set1_ps(x); }
   static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_ps(m, v); }
+  static Mask greater(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }  // false where either is NaN
   // the sum of all lanes, by butterflies of two-table permutes (gcc 12 warns on the reduce
   // intrinsics, whose shuffles pass an undefined vector)
   static float sum(Vec v) {
@@ -82,6 +83,7 @@ struct Vector512<double> {
   static Vec zero() { return _mm512_setzero_pd(); }
   static Vec broadcast(double x) { return _mm512_set1_pd(x); }
   static Vec keep(Mask m, Vec v) { return _mm512_maskz_mov_pd(m, v); }
+  static Mask greater(Vec a, Vec b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
   static double sum(Vec v) {
     for (int step = 4; step >= 1; step /= 2) {
       const __m512i partner = _mm512_xor_si512(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(step));

@@ -194,29 +194,63 @@ struct EntryReader {
   }
 };
 
+// Helpers of the per-lane formulas below, for one lane (a scalar) or a GCC vector of lanes.
+template <typename V>
+inline V lane_sqrt(V x) { return std::sqrt(x); }
+template <typename V>
+inline V lane_max(V a, V b) { return std::max(a, b); }
+template <typename V>
+inline V where_negative(V c, V x) { return c < 0 ? x : V(0); }  // a select, not a branch
+template <typename V>
+inline V where_positive(V c, V x) { return c > 0 ? x : V(0); }
+#if defined(__AVX512F__)
+template <>
+inline __m512 lane_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+template <>
+inline __m512d lane_sqrt(__m512d x) { return _mm512_sqrt_pd(x); }
+template <>
+inline __m512 lane_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+template <>
+inline __m512d lane_max(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+template <>
+inline __m512 where_negative(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_LT_OQ), x); }
+template <>
+inline __m512d where_negative(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), x); }
+template <>
+inline __m512 where_positive(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
+template <>
+inline __m512d where_positive(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_GT_OQ), x); }
+#endif
+
 // The per-entry helpers below are not inlined: inlined into the kernels' loops, gcc vectorized
 // them in some call sites and not in others (and drops the restrict qualifiers of inlined
 // parameters); a call per entry costs nothing next to their 16-lane loops.
 
-// The forward of one entry, all channels: o (3 x C) from p and d (3 x C each), with
-// y = l * scale + shift. Branch-free so that the channel loop vectorizes.
+// The forward of one entry in one lane or a vector of lanes V (the same expressions either way):
+// o from p and d (xyz each), with y = l * scale + shift.
+template <typename T, typename V>
+inline void entry_output(const V (&p)[3], const V (&d)[3], V scale, V shift, T keep, V (&o)[3]) {
+  const T veps = static_cast<T>(kVectorEps);
+  const V l = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]) + veps;
+  const V ratio = scale + shift / l;  // (l * scale + shift) / l
+  const V q[3] = {p[0] * ratio, p[1] * ratio, p[2] * ratio};
+  const V dot = q[0] * d[0] + q[1] * d[1] + q[2] * d[2];
+  const V dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + veps;
+  const V shrink = where_negative(dot, V{} + keep) * dot / dd;
+  for (int a = 0; a < 3; ++a) o[a] = q[a] - shrink * d[a];
+}
+
+// entry_output of one entry, all L lanes, from buffers (3 rows of L lanes each). Branch-free so
+// that the channel loop vectorizes.
 template <typename acc_t>
 __attribute__((noinline)) void entry_forward(const acc_t* __restrict__ pv, const acc_t* __restrict__ dv, const acc_t* scale,
                           const acc_t* shift, acc_t keep, int64_t L, acc_t* __restrict__ o) {
-  const acc_t veps = static_cast<acc_t>(kVectorEps);
 #pragma GCC ivdep
   for (int64_t c = 0; c < L; ++c) {
-    const acc_t px = pv[c], py = pv[L + c], pz = pv[2 * L + c];
-    const acc_t dx = dv[c], dy = dv[L + c], dz = dv[2 * L + c];
-    const acc_t l = std::sqrt(px * px + py * py + pz * pz) + veps;
-    const acc_t ratio = scale[c] + shift[c] / l;  // (l * scale + shift) / l
-    const acc_t qx = px * ratio, qy = py * ratio, qz = pz * ratio;
-    const acc_t dot = qx * dx + qy * dy + qz * dz;
-    const acc_t dd = dx * dx + dy * dy + dz * dz + veps;
-    const acc_t shrink = (dot < 0 ? keep : acc_t(0)) * dot / dd;  // a select, not a branch
-    o[c] = qx - shrink * dx;
-    o[L + c] = qy - shrink * dy;
-    o[2 * L + c] = qz - shrink * dz;
+    const acc_t p[3] = {pv[c], pv[L + c], pv[2 * L + c]}, d[3] = {dv[c], dv[L + c], dv[2 * L + c]};
+    acc_t out[3];
+    entry_output(p, d, scale[c], shift[c], keep, out);
+    for (int a = 0; a < 3; ++a) o[a * L + c] = out[a];
   }
 }
 
@@ -357,34 +391,6 @@ struct BackwardConstants {
   const acc_t *mean_gx, *mean_gxx;  // (1/m) sum gxhat and (1/m) sum gxhat * xhat (zero: not in the stats)
   acc_t keep;
 };
-
-// Helpers of the per-lane formulas below, for one lane (a scalar) or a GCC vector of lanes.
-template <typename V>
-inline V lane_sqrt(V x) { return std::sqrt(x); }
-template <typename V>
-inline V lane_max(V a, V b) { return std::max(a, b); }
-template <typename V>
-inline V where_negative(V c, V x) { return c < 0 ? x : V(0); }  // a select, not a branch
-template <typename V>
-inline V where_positive(V c, V x) { return c > 0 ? x : V(0); }
-#if defined(__AVX512F__)
-template <>
-inline __m512 lane_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
-template <>
-inline __m512d lane_sqrt(__m512d x) { return _mm512_sqrt_pd(x); }
-template <>
-inline __m512 lane_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
-template <>
-inline __m512d lane_max(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
-template <>
-inline __m512 where_negative(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_LT_OQ), x); }
-template <>
-inline __m512d where_negative(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_LT_OQ), x); }
-template <>
-inline __m512 where_positive(__m512 c, __m512 x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), x); }
-template <>
-inline __m512d where_positive(__m512d c, __m512d x) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c, _mm512_setzero_pd(), _CMP_GT_OQ), x); }
-#endif
 
 // The backward of one entry in one lane or a vector of lanes V (the same expressions either way):
 // from p, d and the upstream gradient g (xyz each) and the lane's batch-norm constants, gy (the
@@ -645,15 +651,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     const scalar_t* gamma = w.const_data_ptr<scalar_t>();
     const scalar_t* beta = bb.const_data_ptr<scalar_t>();
 
-    // pool transposed and zero-padded to L columns (see pool_scores)
-    std::vector<acc_t> pool_t(s.edges ? C * L : 0, acc_t(0));
+    constexpr int64_t kLanes = 64 / sizeof(acc_t);
+    // An edge convolution's entries in registers from their reads to their outputs where whole
+    // vectors cover the channels (D == C, at most kMaxBlocks vectors); their outputs and scores
+    // then sit in rows of `blocks` whole vectors (stride Lo), for the pool scores' broadcasts.
+    const int64_t blocks = (C + kLanes - 1) / kLanes;
+#if defined(__AVX512F__)
+    const bool in_registers = s.edges && D == C && blocks <= kMaxBlocks;
+#else
+    const bool in_registers = false;
+#endif
+    const int64_t Lo = in_registers ? blocks * kLanes : L;
+    // pool transposed and zero-padded to Lo columns (see pool_scores)
+    std::vector<acc_t> pool_t(s.edges ? C * Lo : 0, acc_t(0));
     if (s.edges) {
       const at::Tensor pool_c = pool->contiguous();
       const scalar_t* w_src = pool_c.const_data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t e = 0; e < C; ++e) pool_t[e * L + c] = static_cast<acc_t>(w_src[c * C + e]);
+        for (int64_t e = 0; e < C; ++e) pool_t[e * Lo + c] = static_cast<acc_t>(w_src[c * C + e]);
     }
-    constexpr int64_t kLanes = 64 / sizeof(acc_t);
     // whole vectors, and a half vector where the channels past them fit in one
     const int64_t whole = C / kLanes, rest = C - whole * kLanes;
     const bool half = rest > 0 && rest <= kLanes / 2;
@@ -662,17 +678,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     const int64_t group = s.edges ? pool_group(static_cast<int>(vectors), half) : 1;
     auto scores_of = [&](const acc_t* o, acc_t* score) {
       const acc_t* pt = pool_t.data();
-      const int64_t stride = 3 * L;
+      const int64_t stride = 3 * Lo;
       switch (vectors * 2 + (half ? 1 : 0)) {
-        case 1: return pool_scores<0, true, pool_group(0, true)>(o, stride, pt, C, L, score);
-        case 2: return pool_scores<1, false, pool_group(1, false)>(o, stride, pt, C, L, score);
-        case 3: return pool_scores<1, true, pool_group(1, true)>(o, stride, pt, C, L, score);
-        case 4: return pool_scores<2, false, pool_group(2, false)>(o, stride, pt, C, L, score);
-        case 5: return pool_scores<2, true, pool_group(2, true)>(o, stride, pt, C, L, score);
-        case 6: return pool_scores<3, false, pool_group(3, false)>(o, stride, pt, C, L, score);
-        case 7: return pool_scores<3, true, pool_group(3, true)>(o, stride, pt, C, L, score);
-        case 8: return pool_scores<4, false, pool_group(4, false)>(o, stride, pt, C, L, score);
-        default: return pool_scores<0, false, 1>(o, stride, pt, C, L, score);
+        case 1: return pool_scores<0, true, pool_group(0, true)>(o, stride, pt, C, Lo, score);
+        case 2: return pool_scores<1, false, pool_group(1, false)>(o, stride, pt, C, Lo, score);
+        case 3: return pool_scores<1, true, pool_group(1, true)>(o, stride, pt, C, Lo, score);
+        case 4: return pool_scores<2, false, pool_group(2, false)>(o, stride, pt, C, Lo, score);
+        case 5: return pool_scores<2, true, pool_group(2, true)>(o, stride, pt, C, Lo, score);
+        case 6: return pool_scores<3, false, pool_group(3, false)>(o, stride, pt, C, Lo, score);
+        case 7: return pool_scores<3, true, pool_group(3, true)>(o, stride, pt, C, Lo, score);
+        case 8: return pool_scores<4, false, pool_group(4, false)>(o, stride, pt, C, Lo, score);
+        default: return pool_scores<0, false, 1>(o, stride, pt, C, Lo, score);
       }
     };
     scalar_t* target = out.mutable_data_ptr<scalar_t>();
@@ -688,8 +704,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
     at::parallel_for(0, s.N * n, std::max<int64_t>(1, 4096 / (K * C + 1)), [&](int64_t begin, int64_t end) {
       // every entry's output and score, rounded up to whole groups (the extra entries stay zero)
       const int64_t slots = s.edges ? (K + group - 1) / group * group : 1;
-      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), o(slots * 3 * L, acc_t(0)),
-          kept(3 * L), score(slots * L, acc_t(0)), best(L, acc_t(0)), which(L, acc_t(0));
+      std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), dv(3 * L + kSlack, acc_t(0)), o(slots * 3 * Lo, acc_t(0)),
+          kept(3 * L), score(slots * Lo, acc_t(0)), best(Lo, acc_t(0)), which(Lo, acc_t(0));
+#if defined(__AVX512F__)
+      // The node's K entries: outputs into o (whole-vector stores, read back whole or broadcast),
+      // scores, and the kept output per lane (keep_better's rule) straight to dst.
+      using W = Vector512<acc_t>;
+      using Vec = typename W::Vec;
+      auto node_in_registers = [&]<int kBlocks>(int64_t b, int64_t i, int64_t row, acc_t* dst) {
+        typename W::Mask tail[kBlocks];
+        Vec scale_v[kBlocks], shift_v[kBlocks];
+        for (int v = 0; v < kBlocks; ++v) {
+          tail[v] = W::first(C - v * kLanes);
+          scale_v[v] = W::load(tail[v], scale.data() + v * kLanes);
+          shift_v[v] = W::load(tail[v], shift.data() + v * kLanes);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t j = neighbour(b, i, k);
+          Vec out[kBlocks][3];
+          for (int v = 0; v < kBlocks; ++v) {
+            Vec pe[3], de[3];
+            for (int a = 0; a < 3; ++a) {
+              pe[a] = W::load(tail[v], reader.p.at(b, j, a) + v * kLanes);
+              de[a] = W::load(tail[v], reader.d.at(b, j, a) + v * kLanes);
+              if (reader.p_centre) pe[a] = W::add(pe[a], W::load(tail[v], reader.p_centre.at(b, i, a) + v * kLanes));
+              if (reader.d_centre) de[a] = W::add(de[a], W::load(tail[v], reader.d_centre.at(b, i, a) + v * kLanes));
+            }
+            entry_output(pe, de, scale_v[v], shift_v[v], keep, out[v]);
+          }
+          for (int a = 0; a < 3; ++a)
+            for (int v = 0; v < kBlocks; ++v) W::store(o.data() + (k * 3 + a) * Lo + v * kLanes, out[v][a]);
+        }
+        for (int64_t k = 0; k < K; k += group) scores_of(o.data() + k * 3 * Lo, score.data() + k * Lo);
+        for (int v = 0; v < kBlocks; ++v) {
+          const int64_t c0 = v * kLanes;
+          Vec best_v = W::load(score.data() + c0), which_v = W::zero(), kept_v[3];
+          for (int a = 0; a < 3; ++a) kept_v[a] = W::load(o.data() + a * Lo + c0);
+          for (int64_t k = 1; k < K; ++k) {
+            const Vec candidate = W::load(score.data() + k * Lo + c0);
+            const auto better = W::greater(candidate, best_v);
+            best_v = W::blend(better, best_v, candidate);
+            which_v = W::blend(better, which_v, W::broadcast(static_cast<acc_t>(k)));
+            for (int a = 0; a < 3; ++a)
+              kept_v[a] = W::blend(better, kept_v[a], W::load(o.data() + (k * 3 + a) * Lo + c0));
+          }
+          for (int a = 0; a < 3; ++a) W::store(tail[v], dst + a * out_row + c0, kept_v[a]);
+          W::store(which.data() + c0, which_v);
+        }
+        for (int64_t c = 0; c < C; ++c) chosen[row * C + c] = static_cast<int64_t>(which[c]);
+      };
+#endif
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / n, i = row % n;
         scalar_t* dst = target + b * out_graph + i * out_node;
@@ -703,6 +767,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           for (int a = 0; a < 3; ++a) copy_row(dst + a * out_row, o.data() + a * L, C);
           continue;
         }
+#if defined(__AVX512F__)
+        if (in_registers) {
+          switch (blocks) {
+            case 1: node_in_registers.template operator()<1>(b, i, row, dst); break;
+            case 2: node_in_registers.template operator()<2>(b, i, row, dst); break;
+            default: node_in_registers.template operator()<3>(b, i, row, dst); break;
+          }
+          continue;
+        }
+#endif
         for (int64_t k = 0; k < K; ++k) {
           reader.read(b, i, neighbour(b, i, k), pv.data(), dv.data());
           entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, o.data() + k * 3 * L);
