@@ -460,6 +460,41 @@ def test_edge_layer_matches_its_definition_at_every_vector_layout(dtype, channel
         torch.testing.assert_close(grad, expected_grad, **tolerance)
 
 
+def _node_layer_by_definition(p, d, pc, dc, mask, weight, bias):
+    """The training-mode per-node layer transcribed from lps_fast.nn.vn_layer's docstring (each
+    node its own entry, with its centre terms where given; statistics over the real nodes)."""
+    pe, de = (p, d) if pc is None else (p + pc, d + dc)
+    length = pe.norm(dim=-2) + 1e-6  # [N, n, C]
+    real = length[mask]
+    mean, var = real.mean(dim=0), real.var(dim=0, unbiased=False)
+    q = pe * (((length - mean) / torch.sqrt(var + 1e-5) * weight + bias) / length)[..., None, :]
+    dot = (q * de).sum(-2, keepdim=True)
+    return q - 0.8 * torch.clamp(dot, max=0) / ((de * de).sum(-2, keepdim=True) + 1e-6) * de
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [3, 13, 21, 40, 72])
+@pytest.mark.parametrize("centre", [False, True])
+def test_node_layer_matches_its_definition_at_every_vector_layout(dtype, channels, centre):
+    """A per-node layer at channel counts of one to several lane blocks (and past the kernels'
+    register forms), with and without centre terms, padded nodes masked: forward and every
+    gradient."""
+    p, d, pc, dc, _, _, mask, weight, bias = _edge_args(dtype=dtype, channels=channels, seed=channels)
+    if not centre:
+        pc = dc = None
+    inputs = [t.requires_grad_(True) for t in (p, d, weight, bias) + ((pc, dc) if centre else ())]
+    out, _, _ = torch.ops.lps_fast.vn_layer(p, d, pc, dc, None, None, mask, weight, bias, None, None, 1e-5, 0.2)
+    expected = _node_layer_by_definition(p, d, pc, dc, mask, weight, bias)
+    real = mask[:, :, None, None]
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(out * real, expected * real, **tolerance)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype) * real
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

@@ -761,6 +761,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           for (int a = 0; a < 3; ++a) std::fill(dst + a * out_row, dst + a * out_row + C, scalar_t(0));
           continue;
         }
+#if defined(__AVX512F__)
+        if (!s.edges && D == C && blocks <= kMaxBlocks) {  // a per-node layer: the node in registers
+          for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+            const auto tail = W::first(C - c0);
+            Vec pe[3], de[3], out[3];
+            for (int a = 0; a < 3; ++a) {
+              pe[a] = W::load(tail, reader.p.at(b, i, a) + c0);
+              de[a] = W::load(tail, reader.d.at(b, i, a) + c0);
+              if (reader.p_centre) pe[a] = W::add(pe[a], W::load(tail, reader.p_centre.at(b, i, a) + c0));
+              if (reader.d_centre) de[a] = W::add(de[a], W::load(tail, reader.d_centre.at(b, i, a) + c0));
+            }
+            entry_output(pe, de, W::load(tail, scale.data() + c0), W::load(tail, shift.data() + c0), keep, out);
+            for (int a = 0; a < 3; ++a) W::store(tail, dst + a * out_row + c0, out[a]);
+          }
+          continue;
+        }
+#endif
         if (!s.edges) {
           reader.read(b, i, i, pv.data(), dv.data());
           entry_forward(pv.data(), dv.data(), scale.data(), shift.data(), keep, L, o.data());
@@ -979,6 +996,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
         }
       };
+      // (A per-node layer's entry in registers, stored straight to its outputs, measured 1.35x
+      // slower than the form below.)
       const bool in_registers = chosen && D == C && C <= kMaxBlocks * W::kLanes;
 #else
       const bool in_registers = false;
@@ -1067,6 +1086,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // A per-node layer: pass 1 wrote every gradient but, in training, the batch statistics'
       // terms of the p gradients of real nodes, gl / |p| * p (see statistics_backward).
       if (!training) return;
+#if defined(__AVX512F__)
+      using W = Vector512<acc_t>;
+      using Vec = typename W::Vec;
+      if (C <= kMaxBlocks * W::kLanes) {  // each node in registers (see edge_statistics_pass)
+        at::parallel_for(0, s.N * n, std::max<int64_t>(1, 2048 / (C + 1)), [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            if (valid && !valid[row]) continue;
+            const int64_t b = row / n, i = row % n;
+            for (int64_t c0 = 0; c0 < C; c0 += W::kLanes) {
+              const auto tail = W::first(C - c0);
+              Vec x[3];
+              for (int a = 0; a < 3; ++a) {
+                x[a] = W::load(tail, reader.p.at(b, i, a) + c0);
+                if (reader.p_centre) x[a] = W::add(x[a], W::load(tail, reader.p_centre.at(b, i, a) + c0));
+              }
+              const Vec scale = statistics_scale<acc_t>(x, W::load(tail, mean.data() + c0),
+                                                        W::load(tail, invstd.data() + c0),
+                                                        W::load(tail, mean_gx.data() + c0),
+                                                        W::load(tail, mean_gxx.data() + c0));
+              for (int a = 0; a < 3; ++a) {
+                const Vec g = scale * x[a];
+                const int64_t p_at = b * p_graph + i * p_node + a * p_row + c0;
+                W::store(tail, gp + p_at, W::add(W::load(tail, gp + p_at), g));
+                if (gpc) W::store(tail, gpc + p_at, W::add(W::load(tail, gpc + p_at), g));
+              }
+            }
+          }
+        });
+        return;
+      }
+#endif
       at::parallel_for(0, s.N * n, std::max<int64_t>(1, 2048 / (C + 1)), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> pv(3 * L + kSlack, acc_t(0)), gpe(3 * L);
         for (int64_t row = begin; row < end; ++row) {
