@@ -226,12 +226,30 @@ inline __m512d where_positive(__m512d c, __m512d x) { return _mm512_maskz_mov_pd
 // them in some call sites and not in others (and drops the restrict qualifiers of inlined
 // parameters); a call per entry costs nothing next to their 16-lane loops.
 
+// |p| of an entry's vector in one lane or a vector of lanes.
+template <typename V>
+inline V entry_norm(const V (&p)[3]) {
+  return lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+}
+#if defined(__AVX512F__)
+// Half h of a vector's lanes in double: a float vector's 16 lanes as two, a double vector as itself.
+template <typename T>
+inline __m512d in_double(typename Vector512<T>::Vec x, int h) {
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(x)
+                                  : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  } else {
+    return x;
+  }
+}
+#endif
+
 // The forward of one entry in one lane or a vector of lanes V (the same expressions either way):
 // o from p and d (xyz each), with y = l * scale + shift.
 template <typename T, typename V>
 inline void entry_output(const V (&p)[3], const V (&d)[3], V scale, V shift, T keep, V (&o)[3]) {
   const T veps = static_cast<T>(kVectorEps);
-  const V l = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]) + veps;
+  const V l = entry_norm(p) + veps;
   const V ratio = scale + shift / l;  // (l * scale + shift) / l
   const V q[3] = {p[0] * ratio, p[1] * ratio, p[2] * ratio};
   const V dot = q[0] * d[0] + q[1] * d[1] + q[2] * d[2];
@@ -359,8 +377,8 @@ __attribute__((noinline)) void accumulate_lengths(const acc_t* __restrict__ pv, 
                                                   double* __restrict__ sum, double* __restrict__ squares) {
 #pragma GCC ivdep
   for (int64_t c = 0; c < L; ++c) {
-    const acc_t x = pv[c], y = pv[L + c], z = pv[2 * L + c];
-    const double l = static_cast<double>(std::sqrt(x * x + y * y + z * z)) + kVectorEps;
+    const acc_t x[3] = {pv[c], pv[L + c], pv[2 * L + c]};
+    const double l = static_cast<double>(entry_norm(x)) + kVectorEps;
     sum[c] += l;
     squares[c] += l * l;
   }
@@ -409,7 +427,7 @@ inline EntryGradient<V> entry_gradient(const V (&p)[3], const V (&d)[3], const V
                                        T keep) {
   const T veps = static_cast<T>(kVectorEps);
   EntryGradient<V> r;
-  const V norm = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+  const V norm = entry_norm(p);
   const V l = norm + veps;
   const V inv_l = T(1) / l;
   r.xhat = (l - k.mean) * k.invstd;
@@ -465,7 +483,7 @@ __attribute__((noinline)) void entry_backward(const acc_t* pv, const acc_t* dv, 
 // gl / |p| of statistics_backward in one lane or a vector of lanes V (zero at p = 0).
 template <typename T, typename V>
 inline V statistics_scale(const V (&p)[3], V mean, V invstd, V mean_gx, V mean_gxx) {
-  const V norm = lane_sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+  const V norm = entry_norm(p);
   const V xhat = (norm + static_cast<T>(kVectorEps) - mean) * invstd;
   const V gl = -invstd * (mean_gx + xhat * mean_gxx);
   return where_positive(norm, gl / lane_max(norm, V{} + std::numeric_limits<T>::min()));
@@ -605,6 +623,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
       // per chunk, the sums of every lane (see accumulate_lengths)
       std::vector<double> partial(chunks * 2 * L, 0.0), count(chunks, 0.0);
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+        // Each entry's lengths in registers, summed in double in registers over the chunk, in the
+        // loop's order (through pv, each entry's loads waited on its stores).
+        using W = Vector512<acc_t>;
+        using Vec = typename W::Vec;
+        constexpr int kHalves = sizeof(acc_t) == 4 ? 2 : 1;  // double vectors per vector of acc_t
+        auto sums_in_registers = [&]<int kBlocks>(int64_t chunk) {
+          typename W::Mask tail[kBlocks];
+          for (int v = 0; v < kBlocks; ++v) tail[v] = W::first(C - v * W::kLanes);
+          __m512d sum[kBlocks][kHalves], squares[kBlocks][kHalves];
+          for (int v = 0; v < kBlocks; ++v)
+            for (int h = 0; h < kHalves; ++h) sum[v][h] = squares[v][h] = _mm512_setzero_pd();
+          for (int64_t b = chunk_begin(chunk, chunks, s.N); b < chunk_begin(chunk + 1, chunks, s.N); ++b) {
+            for (int64_t i = 0; i < n; ++i) {
+              if (valid && !valid[b * n + i]) continue;
+              count[chunk] += K;
+              for (int64_t k = 0; k < K; ++k) {
+                const int64_t j = neighbour(b, i, k);
+                for (int v = 0; v < kBlocks; ++v) {
+                  Vec x[3];
+                  for (int a = 0; a < 3; ++a) {
+                    x[a] = W::load(tail[v], reader.p.at(b, j, a) + v * W::kLanes);
+                    if (reader.p_centre) x[a] = W::add(x[a], W::load(tail[v], reader.p_centre.at(b, i, a) + v * W::kLanes));
+                  }
+                  const Vec norm = entry_norm(x);
+                  for (int h = 0; h < kHalves; ++h) {
+                    const __m512d l = _mm512_add_pd(in_double<acc_t>(norm, h), _mm512_set1_pd(kVectorEps));
+                    sum[v][h] = _mm512_add_pd(sum[v][h], l);
+                    squares[v][h] = _mm512_add_pd(squares[v][h], _mm512_mul_pd(l, l));
+                  }
+                }
+              }
+            }
+          }
+          double* out = partial.data() + chunk * 2 * L;
+          for (int v = 0; v < kBlocks; ++v)
+            for (int h = 0; h < kHalves; ++h) {
+              const int64_t c0 = v * W::kLanes + h * 8;
+              const __mmask8 lanes = Vector512<double>::first(L - c0);
+              _mm512_mask_storeu_pd(out + c0, lanes, sum[v][h]);
+              _mm512_mask_storeu_pd(out + L + c0, lanes, squares[v][h]);
+            }
+        };
+        if (C <= kMaxBlocks * W::kLanes) {
+          for (int64_t chunk = begin; chunk < end; ++chunk) {
+            if (C <= W::kLanes) {
+              sums_in_registers.template operator()<1>(chunk);
+            } else if (C <= 2 * W::kLanes) {
+              sums_in_registers.template operator()<2>(chunk);
+            } else {
+              sums_in_registers.template operator()<3>(chunk);
+            }
+          }
+          return;
+        }
+#endif
         std::vector<acc_t> pv(3 * L, acc_t(0)), dv(3 * L, acc_t(0));
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           double* sum = partial.data() + chunk * 2 * L;
