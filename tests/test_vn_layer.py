@@ -57,7 +57,7 @@ def _run(net, x, mask, backend):
     return frame, scores, x.grad, grads, buffers
 
 
-def _assert_agree(fused, reference, dtype, what):
+def _assert_agree(fused, reference, dtype, what, relative=1e-4):
     """float64: elementwise; float32: relative to the tensor's scale (a gradient summed over many
     entries rounds differently in a different summation order)."""
     if dtype == torch.float64:
@@ -65,7 +65,7 @@ def _assert_agree(fused, reference, dtype, what):
         return
     error = float((fused - reference).abs().max().detach())
     scale = float(reference.abs().max().detach())
-    assert error <= 1e-4 * scale + 1e-6, f"{what}: max error {error:.3g} at scale {scale:.3g}"
+    assert error <= relative * scale + 1e-6, f"{what}: max error {error:.3g} at scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -191,9 +191,13 @@ def test_whole_network_kernel_matches_the_layers_on_exact_ties(dtype, training):
     whole, layered = _run_on_data(net, x, None), _run_on_data(net, x, None, whole_network=False)
     _assert_agree(whole[0], layered[0], dtype, "frame")
     _assert_agree(whole[1], layered[1], dtype, "scores")
+    # Built without AVX-512, BLAS forms the weight gradients, in other summation orders for the two
+    # paths' operand shapes; on this lattice a direction gradient is a difference of near-equal sums
+    # (float32: measured 1.3e-4 of its scale apart)
+    relative = 1e-4 if lps_fast.backend_info()["cpu_extension"].get("avx512") else 5e-4
     for name, grad in layered[2].items():
         if grad is not None:
-            _assert_agree(whole[2][name], grad, dtype, f"d/d{name}")
+            _assert_agree(whole[2][name], grad, dtype, f"d/d{name}", relative)
 
 
 @pytest.mark.parametrize("dtype, spread", [(torch.float32, 3e-7), (torch.float64, 1e-15)])
