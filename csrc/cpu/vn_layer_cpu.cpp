@@ -137,6 +137,21 @@ struct EntryReader {
   Vectors<T> p, d, p_centre, d_centre;
   int64_t C, D, L;  // channels, direction channels, row stride of the entry buffers
   const T* centre(const Vectors<T>& v, int64_t b, int64_t i, int a) const { return v ? v.at(b, i, a) : nullptr; }
+#if defined(__AVX512F__)
+  // The register forms' reads: lanes [c0, c0 + kLanes) of row a under `lanes` (zero past them),
+  // x plus the centre term of node (b, i) where there is one; p or d of node i reading node j.
+  using Vec = typename Vector512<T>::Vec;
+  using Mask = typename Vector512<T>::Mask;
+  static Vec plus_centre(Vec x, const Vectors<T>& v, int64_t b, int64_t i, int a, int64_t c0, Mask lanes) {
+    return v ? Vector512<T>::add(x, Vector512<T>::load(lanes, v.at(b, i, a) + c0)) : x;
+  }
+  Vec load_p(int64_t b, int64_t i, int64_t j, int a, int64_t c0, Mask lanes) const {
+    return plus_centre(Vector512<T>::load(lanes, p.at(b, j, a) + c0), p_centre, b, i, a, c0, lanes);
+  }
+  Vec load_d(int64_t b, int64_t i, int64_t j, int a, int64_t c0, Mask lanes) const {
+    return plus_centre(Vector512<T>::load(lanes, d.at(b, j, a) + c0), d_centre, b, i, a, c0, lanes);
+  }
+#endif
   void read_p(int64_t b, int64_t i, int64_t j, T* pv) const {
     for (int a = 0; a < 3; ++a) sum_row(pv + a * L, p.at(b, j, a), centre(p_centre, b, i, a), C);
   }
@@ -643,10 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
                 const int64_t j = neighbour(b, i, k);
                 for (int v = 0; v < kBlocks; ++v) {
                   Vec x[3];
-                  for (int a = 0; a < 3; ++a) {
-                    x[a] = W::load(tail[v], reader.p.at(b, j, a) + v * W::kLanes);
-                    if (reader.p_centre) x[a] = W::add(x[a], W::load(tail[v], reader.p_centre.at(b, i, a) + v * W::kLanes));
-                  }
+                  for (int a = 0; a < 3; ++a) x[a] = reader.load_p(b, i, j, a, v * W::kLanes, tail[v]);
                   const Vec norm = entry_norm(x);
                   for (int h = 0; h < kHalves; ++h) {
                     const __m512d l = _mm512_add_pd(in_double<acc_t>(norm, h), _mm512_set1_pd(kVectorEps));
@@ -799,10 +811,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
           for (int v = 0; v < kBlocks; ++v) {
             Vec pe[3], de[3];
             for (int a = 0; a < 3; ++a) {
-              pe[a] = W::load(tail[v], reader.p.at(b, j, a) + v * kLanes);
-              de[a] = W::load(tail[v], reader.d.at(b, j, a) + v * kLanes);
-              if (reader.p_centre) pe[a] = W::add(pe[a], W::load(tail[v], reader.p_centre.at(b, i, a) + v * kLanes));
-              if (reader.d_centre) de[a] = W::add(de[a], W::load(tail[v], reader.d_centre.at(b, i, a) + v * kLanes));
+              pe[a] = reader.load_p(b, i, j, a, v * kLanes, tail[v]);
+              de[a] = reader.load_d(b, i, j, a, v * kLanes, tail[v]);
             }
             entry_output(pe, de, scale_v[v], shift_v[v], keep, out[v]);
           }
@@ -841,10 +851,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vn_layer(
             const auto tail = W::first(C - c0);
             Vec pe[3], de[3], out[3];
             for (int a = 0; a < 3; ++a) {
-              pe[a] = W::load(tail, reader.p.at(b, i, a) + c0);
-              de[a] = W::load(tail, reader.d.at(b, i, a) + c0);
-              if (reader.p_centre) pe[a] = W::add(pe[a], W::load(tail, reader.p_centre.at(b, i, a) + c0));
-              if (reader.d_centre) de[a] = W::add(de[a], W::load(tail, reader.d_centre.at(b, i, a) + c0));
+              pe[a] = reader.load_p(b, i, i, a, c0, tail);
+              de[a] = reader.load_d(b, i, i, a, c0, tail);
             }
             entry_output(pe, de, W::load(tail, scale.data() + c0), W::load(tail, shift.data() + c0), keep, out);
             for (int a = 0; a < 3; ++a) W::store(tail, dst + a * out_row + c0, out[a]);
@@ -1047,8 +1055,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               ps = W::load(ps, selection.lanes(k, v), reader.p.at(b, j, a) + c0);
               ds = W::load(ds, selection.lanes(k, v), reader.d.at(b, j, a) + c0);
             }
-            pe[a] = reader.p_centre ? W::add(ps, W::load(tail, reader.p_centre.at(b, i, a) + c0)) : ps;
-            de[a] = reader.d_centre ? W::add(ds, W::load(tail, reader.d_centre.at(b, i, a) + c0)) : ds;
+            pe[a] = reader.plus_centre(ps, reader.p_centre, b, i, a, c0, tail);
+            de[a] = reader.plus_centre(ds, reader.d_centre, b, i, a, c0, tail);
             ge[a] = W::load(tail, upstream + row * 3 * C + a * C + c0);
           }
           const LaneConstants<Vec> constants{W::load(tail, mean.data() + c0),  W::load(tail, invstd.data() + c0),
@@ -1171,10 +1179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             for (int64_t c0 = 0; c0 < C; c0 += W::kLanes) {
               const auto tail = W::first(C - c0);
               Vec x[3];
-              for (int a = 0; a < 3; ++a) {
-                x[a] = W::load(tail, reader.p.at(b, i, a) + c0);
-                if (reader.p_centre) x[a] = W::add(x[a], W::load(tail, reader.p_centre.at(b, i, a) + c0));
-              }
+              for (int a = 0; a < 3; ++a) x[a] = reader.load_p(b, i, i, a, c0, tail);
               const Vec scale = statistics_scale<acc_t>(x, W::load(tail, mean.data() + c0),
                                                         W::load(tail, invstd.data() + c0),
                                                         W::load(tail, mean_gx.data() + c0),
