@@ -97,7 +97,7 @@ at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
 }
 
 // running.lerp_(target, weight) of ATen, where target[c] = value(c) in the statistics' dtype.
-template <typename stat_t, typename Value>
+template <typename Value>
 void lerp_towards(at::Tensor& running, int64_t C, double weight, Value value) {
   AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "vn_dgcnn_running_stats", [&] {
     scalar_t* r = running.mutable_data_ptr<scalar_t>();
@@ -121,8 +121,8 @@ void update_running(at::Tensor& running_mean, at::Tensor& running_var, const at:
     const scalar_t* var = mean + C;
     const scalar_t count = static_cast<scalar_t>(real_nodes * entries);
     const scalar_t correction = count / std::max(count - scalar_t(1), scalar_t(1));
-    lerp_towards<scalar_t>(running_mean, C, momentum, [&](int64_t c) { return mean[c]; });
-    lerp_towards<scalar_t>(running_var, C, momentum, [&](int64_t c) { return var[c] * correction; });
+    lerp_towards(running_mean, C, momentum, [&](int64_t c) { return mean[c]; });
+    lerp_towards(running_var, C, momentum, [&](int64_t c) { return var[c] * correction; });
   });
 }
 
