@@ -36,6 +36,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include "cpu/vector512.h"
+#endif
+
 namespace lps_fast {
 namespace {
 
@@ -229,8 +233,9 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 // VNMaxPool(dim=1): per channel, the node whose vector has the largest projection on direction @ v
 // (the first of equal maxima, as argmax; padded nodes never, unless the graph has none: then 0),
 // and the vectors it keeps: {index (N, C), pooled (N, 3, C)}. The scores are the values of the
-// same ATen expression as there, (v * linear(v, direction)).sum(-2): the product by BLAS on the same
-// operand layout, then per channel (v_0 l_0 + v_1 l_1) + v_2 l_2 with every product rounded (no
+// expression VNMaxPool evaluates where the fused kernels serve, (v * vn_matmul(v, direction^T)).sum(-2):
+// the network's own matrix product (whose rows do not depend on the operand's row stride, so x1
+// is read in place), then per channel (v_0 l_0 + v_1 l_1) + v_2 l_2 with every product rounded (no
 // FMA), so that both paths agree even among exact ties. The rest is one loop per graph (as ATen
 // ops, the scores' product and sum, a transposed copy, argmax and gather cost as much as the
 // layer's matrix product). Contraction is off by pragma, not by a function attribute: the score
@@ -240,9 +245,11 @@ std::vector<at::Tensor> node_backward(const at::Tensor& grad, const at::Tensor& 
 #pragma GCC optimize("fp-contract=off")
 std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tensor& direction, const at::Tensor& mask) {
   const int64_t N = x.size(0), n = x.size(1), C = x.size(3);
-  // x1 is a column block of [x1, x2]: a dense copy gives BLAS the operand layout of the layered path
-  const at::Tensor dense = x.contiguous();
-  const at::Tensor projected = at::linear(dense, direction);  // [N, n, 3, C]
+  // x1 is read in place where it is a column block of [x1, x2] (rows of C at a uniform stride R)
+  const bool rows = x.stride(3) == 1 && x.stride(1) == 3 * x.stride(2) && x.stride(0) == n * x.stride(1);
+  const at::Tensor dense = rows ? x : x.contiguous();
+  const int64_t R = dense.stride(2);
+  const at::Tensor projected = cpu::small_matmul(dense, direction.t().contiguous());  // [N, n, 3, C]
   at::Tensor index = at::empty({N, C}, x.options().dtype(at::kLong));
   at::Tensor pooled = at::empty({N, 3, C}, x.options());
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
@@ -251,6 +258,48 @@ std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tens
     const scalar_t* l = projected.const_data_ptr<scalar_t>();
     int64_t* chosen = index.mutable_data_ptr<int64_t>();
     scalar_t* kept = pooled.mutable_data_ptr<scalar_t>();
+#if defined(__AVX512F__)
+    // Per block of channels, the score's argmax and the kept node's three components in registers,
+    // taken by blends as the nodes are scanned (the node index rides as a float, exact below 2^24).
+    if (n < (int64_t(1) << 24)) {
+      using W = cpu::Vector512<scalar_t>;
+      constexpr int L = W::kLanes;
+      at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        scalar_t node_of[L];
+        for (int64_t b = begin; b < end; ++b) {
+          const scalar_t* graph = v + b * n * 3 * R;
+          const scalar_t* graph_l = l + b * n * 3 * C;
+          for (int64_t c = 0; c < C; c += L) {
+            const auto lanes = W::first(C - c);
+            auto best = W::broadcast(-std::numeric_limits<scalar_t>::infinity()), which = W::zero();
+            auto k0 = W::load(lanes, graph + c), k1 = W::load(lanes, graph + R + c), k2 = W::load(lanes, graph + 2 * R + c);
+            for (int64_t i = 0; i < n; ++i) {
+              if (valid && !valid[b * n + i]) continue;
+              const scalar_t* vi = graph + i * 3 * R + c;
+              const scalar_t* li = graph_l + i * 3 * C + c;
+              const auto v0 = W::load(lanes, vi), v1 = W::load(lanes, vi + R), v2 = W::load(lanes, vi + 2 * R);
+              // (v0 l0 + v1 l1) + v2 l2, each product rounded, as the loop below
+              const auto score = W::add(W::add(W::mul(v0, W::load(lanes, li)), W::mul(v1, W::load(lanes, li + C))),
+                                        W::mul(v2, W::load(lanes, li + 2 * C)));
+              const auto better = W::greater(score, best);
+              best = W::blend(better, best, score);
+              which = W::blend(better, which, W::broadcast(scalar_t(i)));
+              k0 = W::blend(better, k0, v0);
+              k1 = W::blend(better, k1, v1);
+              k2 = W::blend(better, k2, v2);
+            }
+            scalar_t* out = kept + b * 3 * C + c;
+            W::store(lanes, out, k0);
+            W::store(lanes, out + C, k1);
+            W::store(lanes, out + 2 * C, k2);
+            W::store(node_of, which);
+            for (int64_t j = 0; j < std::min<int64_t>(L, C - c); ++j) chosen[b * C + c + j] = static_cast<int64_t>(node_of[j]);
+          }
+        }
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> best(C);
       for (int64_t b = begin; b < end; ++b) {
@@ -259,17 +308,17 @@ std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tens
         std::fill(which, which + C, int64_t(0));
         for (int64_t i = 0; i < n; ++i) {
           if (valid && !valid[b * n + i]) continue;
-          const scalar_t* vi = v + (b * n + i) * 3 * C;
+          const scalar_t* vi = v + (b * n + i) * 3 * R;
           const scalar_t* li = l + (b * n + i) * 3 * C;
           for (int64_t c = 0; c < C; ++c) {
-            const scalar_t score = (vi[c] * li[c] + vi[C + c] * li[C + c]) + vi[2 * C + c] * li[2 * C + c];
+            const scalar_t score = (vi[c] * li[c] + vi[R + c] * li[C + c]) + vi[2 * R + c] * li[2 * C + c];
             const bool better = score > best[c];
             best[c] = better ? score : best[c];
             which[c] = better ? i : which[c];
           }
         }
         for (int a = 0; a < 3; ++a)
-          for (int64_t c = 0; c < C; ++c) kept[(b * 3 + a) * C + c] = v[((b * n + which[c]) * 3 + a) * C + c];
+          for (int64_t c = 0; c < C; ++c) kept[(b * 3 + a) * C + c] = v[(b * n + which[c]) * 3 * R + a * R + c];
       }
     });
   });
@@ -606,7 +655,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
                                scores ? x12.narrow(3, C, C) : at::Tensor());
   if (keep2.defined()) times_keep<false>(x2, keep2, x2);
   const auto [index, pooled] = frame_pool(x1, params[10], mask);  // [N, C], [N, 3, C]
-  const at::Tensor frame = at::linear(pooled, params[11]);  // [N, 3, 3]: columns are the vectors
+  // the heads' maps to 3 vectors by the network's own product (BLAS takes longer over 3 columns)
+  const at::Tensor frame = cpu::small_matmul(pooled, params[11].t().contiguous());  // [N, 3, 3]: columns are the vectors
 
   // x1 travels as x12 where that holds it (a list of outputs should not alias itself)
   std::vector<at::Tensor> saved{scores ? absent(x1) : x1, keep1.defined() ? input2 : absent(x1), index, pooled};
@@ -621,7 +671,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   write_node_mean(x, C, mask);
   const at::Tensor h1 = node_forward(x, flat_mask, &params[16], running[6], running[7], s, std1);
   const at::Tensor h2 = node_forward(h1, flat_mask, &params[20], running[8], running[9], s, std2);
-  const at::Tensor local = at::linear(h2, params[24]);  // [N, n, 3, 3]: a frame per node
+  const at::Tensor local = cpu::small_matmul(h2, params[24].t().contiguous());  // [N, n, 3, 3]: a frame per node
   const at::Tensor head_weight = params[25].reshape({-1}).contiguous();
   const at::Tensor node_scores = cpu::vn_score_head(x.contiguous(), local.contiguous(), x12, opt(mask), head_weight,
                                                     params[26].contiguous());
@@ -667,8 +717,8 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
   // the frame: frame = pooled @ frame_head^T, pooled gathered from x1
   TORCH_CHECK_VALUE(grad_frame.sizes() == at::IntArrayRef({N, 3, 3}), "grad_frame must have shape (N, 3, 3)");
   const at::Tensor g_frame = grad_frame.to(points.scalar_type());
-  grads[11] = g_frame.reshape({-1, 3}).t().mm(pooled.reshape({-1, pooled.size(-1)}));
-  const at::Tensor g_pooled = at::matmul(g_frame, params[11]);  // [N, 3, C]
+  grads[11] = cpu::small_matmul_tn(pooled, g_frame).t().contiguous();
+  const at::Tensor g_pooled = cpu::small_matmul(g_frame, params[11]);  // [N, 3, C]
   at::Tensor g_x1 = frame_pool_backward(g_pooled.contiguous(), index, n);
   at::Tensor g_x2;
 
@@ -694,8 +744,8 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
         head_weight);
     grads[25] = g_head.reshape(params[25].sizes());
     grads[26] = g_head_bias.reshape(params[26].sizes());
-    grads[24] = g_local.reshape({-1, 3}).t().mm(h2.reshape({-1, h2.size(-1)}));
-    const at::Tensor g_h2 = at::matmul(g_local, params[24]);
+    grads[24] = cpu::small_matmul_tn(h2, g_local).t().contiguous();
+    const at::Tensor g_h2 = cpu::small_matmul(g_local, params[24]);
     auto std2_grads = node_backward(g_h2, h1, flat_mask, &params[20], s, std2);
     auto std1_grads = node_backward(std2_grads[0], x, flat_mask, &params[16], s, std1);
     for (int i = 1; i < 5; ++i) {

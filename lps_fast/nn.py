@@ -421,6 +421,12 @@ def _stacked_maps(v: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     return torch.matmul(v, stacked) if matmul is None else matmul(v, stacked)
 
 
+def _vector_map(linear: nn.Linear, v: torch.Tensor) -> torch.Tensor:
+    """``linear`` over the channels of vectors ``v (..., C)``: without a bias, where the fused kernels
+    serve, by their matrix product (the whole-network op's, so that both paths agree bit for bit)."""
+    return _stacked_maps(v, linear.weight.t()) if linear.bias is None and fused_vn_available(v) else linear(v)
+
+
 def fused_vn_available(t: torch.Tensor) -> bool:
     """Whether :func:`vn_layer` runs a fused kernel on ``t`` (float32/64; see ``_fused_vn_op``);
     elsewhere the VN layers run their composed PyTorch formulation, the reference the kernels
@@ -513,7 +519,9 @@ class VNMaxPool(nn.Module):
 
     def forward(self, v: torch.Tensor, dim: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         dim = dim % v.dim()
-        score = (v * self.direction(v)).sum(-2)  # [..., C] without the xyz dim
+        # Where the fused kernels serve, the direction comes from their matrix product, as inside
+        # the whole-network op, so that both pick the same vectors among equal scores.
+        score = (v * _vector_map(self.direction, v)).sum(-2)  # [..., C] without the xyz dim
         if valid is not None:
             while valid.dim() < score.dim():
                 valid = valid.unsqueeze(-1)
@@ -791,14 +799,14 @@ class VNDGCNN(nn.Module):
         x1 = self._edge_conv(points, mask, self.conv1, self.pool1)  # [N, n, 3, C]
         x2 = self._edge_conv(_vector_dropout(x1, self.dropout, self.training), mask, self.conv2, self.pool2)
         x2 = _vector_dropout(x2, self.dropout, self.training)
-        frame = self.frame_head(self.frame_pool(x1, dim=1, valid=mask))  # [N, 3, 3]: columns are vectors
+        frame = _vector_map(self.frame_head, self.frame_pool(x1, dim=1, valid=mask))  # [N, 3, 3]: columns are vectors
         if not self.with_scores:
             return frame, None
         x12 = torch.cat([x1, x2], dim=-1)
         x = self.conv3(x12, mask)
         context = _masked_node_mean(x, mask, node_dim=1)[:, None].expand_as(x)
         x = torch.cat([x, context], dim=-1)  # [N, n, 3, 2C]
-        local = self.std_frame(self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
+        local = _vector_map(self.std_frame, self.std2(self.std1(x, mask), mask))  # [N, n, 3, 3]: a frame per node
         weight, bias = self.score_head.weight[0], self.score_head.bias
         fused = _fused_score_head_op(x)
         if fused is not None:

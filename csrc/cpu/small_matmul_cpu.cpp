@@ -245,7 +245,9 @@ at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w) {
   });
   return out;
 #else
-  return at::matmul(x, w);
+  // BLAS's rounding may depend on the operands' layouts: dense copies keep the values independent
+  // of them, as they are above
+  return at::matmul(x.contiguous(), w.contiguous());
 #endif
 }
 

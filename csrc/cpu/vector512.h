@@ -36,6 +36,7 @@ struct Vector512<float> {
   static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec add(Mask m, Vec a, Vec b) { return _mm512_mask_add_ps(a, m, a, b); }  // a + b where m, else a
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_ps(m, a, b); }
   static Vec div(Vec a, float b) { return _mm512_div_ps(a, _mm512_set1_ps(b)); }
@@ -77,6 +78,7 @@ struct Vector512<double> {
   static Vec blend(Mask m, Vec a, Vec b) { return _mm512_mask_blend_pd(m, a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_pd(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_pd(a, b); }
   static Vec add(Mask m, Vec a, Vec b) { return _mm512_mask_add_pd(a, m, a, b); }
   static Vec sub(Mask m, Vec a, Vec b) { return _mm512_maskz_sub_pd(m, a, b); }
   static Vec div(Vec a, double b) { return _mm512_div_pd(a, _mm512_set1_pd(b)); }
