@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -52,33 +53,54 @@ struct Settings {
 
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
-// knn_neighbours of nn.py: per node the k nearest nodes by the squared distance of the flattened
-// features, the node itself first, padded nodes never neighbours (their slots repeat the node),
-// equal distances in node order. The distances are the same ATen expression as there, so both
-// paths choose the same neighbours even among exact ties; the selection is a loop per node (as
-// ATen ops, masked fills and a sort or topk, it was most of the cost).
+// knn_neighbours of nn.py where the fused kernels serve (there through the lps_fast::vn_knn op,
+// so both paths run this code): per node the k nearest nodes by the squared distance of the
+// flattened features, the node itself first, padded nodes never neighbours (their slots repeat the
+// node), equal distances in node order. Each distance is sum_f (x_i[f] - x_j[f])^2, formed once per
+// pair over rows zero-padded to whole 64-byte blocks, one partial sum per lane added up in lane
+// order: the same values on both paths, so they choose the same neighbours even among exact
+// ties. (|x_i|^2 + |x_j|^2 - 2 x_i.x_j in ATen was six calls, a batched product of n x n matrices
+// among them, and most of the kNN's time.) The selection is a loop per node.
 at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
-  const at::Tensor flat = v.reshape({v.size(0), v.size(1), -1});
-  const at::Tensor squared = (flat * flat).sum(-1);
-  const at::Tensor distances =
-      (squared.unsqueeze(2) + squared.unsqueeze(1) - 2 * at::matmul(flat, flat.transpose(1, 2))).contiguous();
-  const int64_t N = flat.size(0), n = flat.size(1);
+  const int64_t N = v.size(0), n = v.size(1);
+  int64_t F = 1;
+  for (int64_t d = 2; d < v.dim(); ++d) F *= v.size(d);
+  const at::Tensor flat = v.reshape({N, n, F}).contiguous();
   k = std::min(k, n);
   at::Tensor index = at::empty({N, n, k}, v.options().dtype(at::kLong));
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "vn_dgcnn_knn", [&] {
-    const scalar_t* all = distances.const_data_ptr<scalar_t>();
+    using T = scalar_t;
+    typedef T Lanes __attribute__((vector_size(64)));
+    constexpr int64_t L = 64 / sizeof(T);
+    const int64_t Fp = (F + L - 1) / L * L;
+    const T* all = flat.const_data_ptr<T>();
     int64_t* out = index.mutable_data_ptr<int64_t>();
-    constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    constexpr T inf = std::numeric_limits<T>::infinity();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> nearest(k);
+      std::vector<T> rows(n * Fp, T(0)), distances(n * n), nearest(k);
       for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < n; ++i) std::copy(all + (b * n + i) * F, all + (b * n + i + 1) * F, &rows[i * Fp]);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = i + 1; j < n; ++j) {
+            Lanes sum = {};
+            for (int64_t f = 0; f < Fp; f += L) {
+              Lanes a, c;
+              std::memcpy(&a, &rows[i * Fp + f], sizeof(a));
+              std::memcpy(&c, &rows[j * Fp + f], sizeof(c));
+              const Lanes d = a - c;
+              sum += d * d;
+            }
+            T total = sum[0];
+            for (int64_t l = 1; l < L; ++l) total += sum[l];
+            distances[i * n + j] = distances[j * n + i] = total;
+          }
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* from_i = all + (b * n + i) * n;
+          const T* from_i = &distances[i * n];
           int64_t* row = out + (b * n + i) * k;
           int64_t found = 0;  // row[0:found] sorted by (distance, index)
           for (int64_t j = 0; j < n; ++j) {
-            scalar_t distance = from_i[j];
+            T distance = from_i[j];
             if (valid && !valid[b * n + j]) distance = inf;
             if (j == i) distance = -inf;
             if (found == k && !(distance < nearest[k - 1])) continue;
@@ -98,6 +120,21 @@ at::Tensor knn(const at::Tensor& v, int64_t k, const at::Tensor& mask) {
     });
   });
   return index;
+}
+
+// The op the layered network's knn_neighbours calls on CPU where the fused kernels serve.
+at::Tensor vn_knn_cpu(const at::Tensor& v, int64_t k, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(v.dim() >= 2, "v must have shape (N, n, ...), got ", v.sizes());
+  TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, "v must be float32 or float64, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(k >= 1, "k must be at least 1, got ", k);
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->sizes() == v.sizes().slice(0, 2), "mask must have shape (N, n) = ", v.sizes().slice(0, 2),
+                      ", got ", mask->sizes());
+    check_same_device(v, "v", *mask, "mask");
+  }
+  return knn(v, k, mask.has_value() ? mask->contiguous() : at::Tensor());
 }
 
 // running.lerp_(target, weight) of ATen, where target[c] = value(c) in the statistics' dtype.
@@ -776,6 +813,7 @@ std::vector<at::Tensor> vn_dgcnn_backward_cpu(const at::Tensor& grad_frame, cons
 TORCH_LIBRARY_IMPL(lps_fast, CPU, m) {
   m.impl("vn_dgcnn", &vn_dgcnn_cpu);
   m.impl("vn_dgcnn_backward", &vn_dgcnn_backward_cpu);
+  m.impl("vn_knn", &vn_knn_cpu);
 }
 
 }  // namespace lps_fast

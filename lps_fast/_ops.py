@@ -72,6 +72,9 @@ NETWORK_SCHEMAS: Dict[str, str] = {
     "vn_score_head": "(Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight, Tensor bias) -> Tensor",
     "vn_score_head_backward": "(Tensor grad, Tensor x, Tensor frame, Tensor pair, Tensor? mask, Tensor weight) "
                               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # indices (N, n, k) of each node's k nearest nodes by the flattened features of v (N, n, ...),
+    # itself first (lps_fast.nn.knn_neighbours; the whole-network op runs the same kernel)
+    "vn_knn": "(Tensor v, int k, Tensor? mask) -> Tensor",
     # the whole VNDGCNN in one call each way (csrc/vn_dgcnn.cpp): params in the order of
     # VNDGCNN._whole_network_params, running (mean, var) of each batch norm updated in place,
     # dropout the two keep masks (empty: none); returns frame, scores and the backward's values
@@ -186,6 +189,10 @@ def fake_gram_schmidt(V, proper=False):
 
 def fake_gram_schmidt_backward(grad, V, proper):
     return V.new_empty(V.shape)
+
+
+def fake_vn_knn(v, k, mask):
+    return v.new_empty((v.shape[0], v.shape[1], min(k, v.shape[1])), dtype=torch.long)
 
 
 def fake_vn_matmul(x, w):

@@ -391,7 +391,7 @@ def _vn_kernels() -> dict:
 
         _fused_vn_kernels = {"cpp": on_cpu("vn_layer"), "triton": getattr(namespace, "vn_layer_triton", None),
                              "score_head": on_cpu("vn_score_head"), "network": on_cpu("vn_dgcnn"),
-                             "matmul": on_cpu("vn_matmul")}
+                             "matmul": on_cpu("vn_matmul"), "knn": on_cpu("vn_knn")}
     return _fused_vn_kernels
 
 
@@ -536,6 +536,9 @@ def knn_neighbours(v: torch.Tensor, k: int, mask: Optional[torch.Tensor]) -> tor
     """Indices ``(N, n, k)`` of the ``k`` nearest nodes of each node (itself included) by the
     distance of the flattened features ``v (N, n, ...)``; padded nodes are never neighbours and
     slots beyond the real nodes repeat the node itself (harmless under max pooling)."""
+    kernel = _vn_kernels()["knn"] if v.device.type == "cpu" and fused_vn_available(v) else None
+    if kernel is not None:  # the whole-network op's kernel, so that both paths pick the same neighbours
+        return kernel(v.detach(), k, mask)
     flat = v.detach().flatten(2)
     squared = (flat * flat).sum(-1)
     distance = squared[:, :, None] + squared[:, None, :] - 2 * torch.matmul(flat, flat.transpose(1, 2))

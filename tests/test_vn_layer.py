@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lps_fast
-from lps_fast.nn import (VNDGCNN, MaskedBatchNorm, VNLinearLeakyReLU, fused_vn_available, vn_layer,
+from lps_fast.nn import (VNDGCNN, MaskedBatchNorm, VNLinearLeakyReLU, fused_vn_available, knn_neighbours, vn_layer,
                          vn_score_head_composed)
 
 pytestmark = pytest.mark.skipif(
@@ -795,6 +795,65 @@ def test_vn_matmul_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+def _knn_by_sorting(v, k, mask):
+    """The kNN definition by a stable sort of the exact squared distances (float64)."""
+    flat = v.double().flatten(2)
+    distance = (flat[:, :, None] - flat[:, None, :]).square().sum(-1)
+    n = v.shape[1]
+    if mask is not None:
+        distance = distance.masked_fill(~mask[:, None, :], float("inf"))
+    distance = distance.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    nearest, index = (t[..., :min(k, n)] for t in torch.sort(distance, dim=-1, stable=True))
+    itself = torch.arange(n)[None, :, None].expand_as(index)
+    return torch.where(torch.isinf(nearest) & (nearest > 0), itself, index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_vn_knn_is_the_nearest_nodes_by_feature_distance(dtype, masked, k):
+    """Itself first, then by distance; padded nodes never, their slots (k beyond the real nodes)
+    repeat the node. Integer features: exact distances, with ties ordered by node index."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(-2, 3, (30, 7, 3, 5), generator=gen).to(dtype)  # many exact ties
+    mask = torch.rand(30, 7, generator=gen) > 0.3 if masked else None
+    got = torch.ops.lps_fast.vn_knn(v, k, mask)
+    assert got.dtype == torch.long and got.shape == (30, 7, min(k, 7))
+    expected = _knn_by_sorting(v, k, mask)
+    if mask is None:
+        assert torch.equal(got, expected)
+    else:  # padded nodes' own rows are not read; the real nodes' rows are the definition's
+        assert torch.equal(got[mask], expected[mask])
+    real = torch.randn(30, 7, 3, 5, generator=gen, dtype=dtype)
+    assert torch.equal(torch.ops.lps_fast.vn_knn(real, k, None), _knn_by_sorting(real, k, None))
+    assert torch.ops.lps_fast.vn_knn(v[:0], k, None).shape == (0, 7, min(k, 7))
+
+
+def test_knn_neighbours_runs_the_kernel_where_the_fused_layers_serve():
+    v = torch.randn(6, 5, 3, 4)
+    assert torch.equal(knn_neighbours(v, 4, None), torch.ops.lps_fast.vn_knn(v, 4, None))
+    with lps_fast.use_backend("reference"):
+        assert torch.equal(knn_neighbours(v, 4, None), _knn_by_sorting(v, 4, None))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.randn(5), 2, None), ValueError, r"v must have shape \(N, n, ...\)"),
+    ((torch.randn(2, 5, 3).half(), 2, None), TypeError, "v must be float32 or float64"),
+    ((torch.randn(2, 5, 3), 0, None), ValueError, "k must be at least 1"),
+    ((torch.randn(2, 5, 3), 2, torch.ones(2, 5)), TypeError, "mask must be bool"),
+    ((torch.randn(2, 5, 3), 2, torch.ones(2, 4, dtype=torch.bool)), ValueError, r"mask must have shape \(N, n\)"),
+])
+def test_vn_knn_refuses_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.lps_fast.vn_knn(*args)
+
+
+def test_vn_knn_opcheck():
+    v, mask = torch.randn(8, 6, 3, 4, dtype=torch.float64), torch.rand(8, 6) > 0.3
+    torch.library.opcheck(torch.ops.lps_fast.vn_knn.default, (v, 4, mask),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_vn_matmul_opcheck():
