@@ -286,7 +286,7 @@ std::pair<at::Tensor, at::Tensor> frame_pool(const at::Tensor& x, const at::Tens
   const bool rows = x.stride(3) == 1 && x.stride(1) == 3 * x.stride(2) && x.stride(0) == n * x.stride(1);
   const at::Tensor dense = rows ? x : x.contiguous();
   const int64_t R = dense.stride(2);
-  const at::Tensor projected = cpu::small_matmul(dense, direction.t().contiguous());  // [N, n, 3, C]
+  const at::Tensor projected = cpu::small_matmul(dense, direction.t());  // [N, n, 3, C]
   at::Tensor index = at::empty({N, C}, x.options().dtype(at::kLong));
   at::Tensor pooled = at::empty({N, 3, C}, x.options());
   const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
@@ -693,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   if (keep2.defined()) times_keep<false>(x2, keep2, x2);
   const auto [index, pooled] = frame_pool(x1, params[10], mask);  // [N, C], [N, 3, C]
   // the heads' maps to 3 vectors by the network's own product (BLAS takes longer over 3 columns)
-  const at::Tensor frame = cpu::small_matmul(pooled, params[11].t().contiguous());  // [N, 3, 3]: columns are the vectors
+  const at::Tensor frame = cpu::small_matmul(pooled, params[11].t());  // [N, 3, 3]: columns are the vectors
 
   // x1 travels as x12 where that holds it (a list of outputs should not alias itself)
   std::vector<at::Tensor> saved{scores ? absent(x1) : x1, keep1.defined() ? input2 : absent(x1), index, pooled};
@@ -708,7 +708,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> vn_dgcnn_cpu(
   write_node_mean(x, C, mask);
   const at::Tensor h1 = node_forward(x, flat_mask, &params[16], running[6], running[7], s, std1);
   const at::Tensor h2 = node_forward(h1, flat_mask, &params[20], running[8], running[9], s, std2);
-  const at::Tensor local = cpu::small_matmul(h2, params[24].t().contiguous());  // [N, n, 3, 3]: a frame per node
+  const at::Tensor local = cpu::small_matmul(h2, params[24].t());  // [N, n, 3, 3]: a frame per node
   const at::Tensor head_weight = params[25].reshape({-1}).contiguous();
   const at::Tensor node_scores = cpu::vn_score_head(x.contiguous(), local.contiguous(), x12, opt(mask), head_weight,
                                                     params[26].contiguous());

@@ -519,8 +519,6 @@ class VNMaxPool(nn.Module):
 
     def forward(self, v: torch.Tensor, dim: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         dim = dim % v.dim()
-        # Where the fused kernels serve, the direction comes from their matrix product, as inside
-        # the whole-network op, so that both pick the same vectors among equal scores.
         score = (v * _vector_map(self.direction, v)).sum(-2)  # [..., C] without the xyz dim
         if valid is not None:
             while valid.dim() < score.dim():
